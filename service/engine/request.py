@@ -110,7 +110,7 @@ class Request:
         if (self.client_key is not None) and self.client_cert is None:
             raise ValueError("client_key needs client_cert")
         sink = self.sink
-        if sink is not None and not isinstance(sink, str | os.PathLike):
+        if sink is not None and not isinstance(sink, str | os.PathLike):  # noqa: SIM102
             if not IConsumer.providedBy(sink):
                 raise ValueError("sink must be a file path or an IConsumer")
 
