@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import threading
 from collections import deque
 from typing import IO, Any, Protocol, cast
@@ -137,6 +138,7 @@ class _Transfer:
 
     __slots__ = (
         "body_file",
+        "body_file_owned",
         "chunks",
         "consumer",
         "curl",
@@ -149,6 +151,7 @@ class _Transfer:
         "queued_at",
         "received",
         "request",
+        "stream",
         "upload",
     )
 
@@ -159,8 +162,10 @@ class _Transfer:
         self.header_lines: list[bytes] = []
         self.chunks: list[bytes] | None = None
         self.body_file: IO[bytes] | None = None
+        self.body_file_owned = False
         self.consumer: IConsumer | None = None
         self.upload: _UploadConsumer | None = None
+        self.stream: IO[bytes] | None = None
         self.error: BaseException | None = None
         self.received = 0
         self.queued_at = 0.0
@@ -169,6 +174,17 @@ class _Transfer:
         self.finished = False
 
     # -- curl callbacks (run inside libcurl: record, never call back into curl) ------------
+
+    def read_stream(self, size: int) -> bytes | int:
+        """READFUNCTION for a file body: its exception comes back as itself (pitfall 12)."""
+        if self.finished:
+            return _READFUNC_ABORT
+        assert self.stream is not None
+        try:
+            return self.stream.read(size)
+        except Exception as e:
+            self.error = e
+            return _READFUNC_ABORT
 
     def write_capped(self, data: bytes) -> int | None:
         received = self.received + len(data)
@@ -216,6 +232,20 @@ class _Transfer:
             self.error = e
             return 0
         return None
+
+
+def _remaining_size(stream: IO[bytes]) -> int:
+    """Bytes left after the current position of a seekable file (regular or in-memory),
+    sent with Content-Length; -1 (chunked) when that cannot be known."""
+    try:
+        if stream.seekable():
+            here = stream.tell()
+            end = stream.seek(0, os.SEEK_END)
+            stream.seek(here)
+            return max(0, end - here)
+    except (OSError, AttributeError, ValueError):
+        pass
+    return -1
 
 
 class CurlClient:
@@ -361,7 +391,9 @@ class CurlClient:
             else:
                 curl.setopt(pycurl.WRITEFUNCTION, t.write_capped)
         elif isinstance(sink, str | os.PathLike):
-            t.body_file = open(sink, "wb")  # noqa: SIM115 - closed when the transfer ends
+            f = t.body_file = open(sink, "wb")  # noqa: SIM115 - closed when the transfer ends
+            # Only a regular file is ours to delete on failure: never /dev/null or a FIFO.
+            t.body_file_owned = stat.S_ISREG(os.fstat(f.fileno()).st_mode)
             curl.setopt(pycurl.WRITEFUNCTION, t.write_file)
         else:
             t.consumer = sink
@@ -387,12 +419,9 @@ class CurlClient:
             length = producer.length
             size = -1 if length is UNKNOWN_LENGTH else int(length)
         elif hasattr(body, "read"):
-            stream = cast(IO[bytes], body)
-            read = stream.read
-            try:
-                size = os.fstat(stream.fileno()).st_size - stream.tell()
-            except (OSError, AttributeError, ValueError):
-                size = -1
+            stream = t.stream = cast(IO[bytes], body)
+            read = t.read_stream
+            size = _remaining_size(stream)
         else:
             raise TypeError(f"body must be bytes, a binary file or an IBodyProducer, not {body!r}")
         curl.setopt(pycurl.READFUNCTION, read)
@@ -433,7 +462,9 @@ class CurlClient:
                 result = self._response(t, curl)
             except Exception:
                 result = Failure()
-        self._cleanup_sinks(t, success=not isinstance(result, Failure))
+        close_error = self._cleanup_sinks(t, success=not isinstance(result, Failure))
+        if close_error is not None and not isinstance(result, Failure):
+            result = Failure(close_error)
         self._release(curl)
         # Queued fetches take the free slot before user callbacks can add more.
         self._start_queued()
@@ -476,10 +507,17 @@ class CurlClient:
         else:
             self._cleanup_sinks(t, success=False)
 
-    def _cleanup_sinks(self, t: _Transfer, *, success: bool) -> None:
+    def _cleanup_sinks(self, t: _Transfer, *, success: bool) -> OSError | None:
+        """Close and unregister the sinks (deleting a partial file on failure); returns
+        the error if closing the file sink failed, which makes the body incomplete."""
+        close_error: OSError | None = None
         if t.body_file is not None and not t.body_file.closed:
-            t.body_file.close()
-            if not success:
+            try:
+                t.body_file.close()  # Flushes the last buffered write: it may fail.
+            except OSError as e:
+                close_error = e
+                success = False
+            if not success and t.body_file_owned:
                 with contextlib.suppress(OSError):
                     os.unlink(cast(str, t.request.sink))
         if t.consumer is not None:
@@ -490,10 +528,13 @@ class CurlClient:
                 log.failure("sink.unregisterProducer failed")
         if t.upload is not None and not success:
             upload, t.upload = t.upload, None
-            try:
-                upload._producer.stopProducing()
-            except Exception:
-                log.failure("body producer stopProducing failed")
+            # Once its Deferred has fired (eof), IBodyProducer allows no stopProducing.
+            if not upload.eof:
+                try:
+                    upload._producer.stopProducing()
+                except Exception:
+                    log.failure("body producer stopProducing failed")
+        return close_error
 
     def _release(self, curl: pycurl.Curl) -> None:
         """Reset a detached handle and keep it for the next fetch (pitfall 17: no stale

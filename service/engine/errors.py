@@ -55,8 +55,9 @@ class CurlError(FetchError):
     def __init__(self, code: int, message: str) -> None:
         self.code = code
         self.name = CURLE_NAMES.get(code, f"CURLE_{code}")
-        self.message = message
-        super().__init__(code, message)
+        # libcurl leaves the message empty for some errors (TOO_LARGE on one huge header).
+        self.message = message or f"libcurl reported {self.name} without a message"
+        super().__init__(code, self.message)
 
     def __str__(self) -> str:
         return f"curl error {self.code} ({self.name}): {self.message}"
@@ -64,6 +65,11 @@ class CurlError(FetchError):
     @staticmethod
     def from_code(code: int, message: str) -> CurlError:
         """Build the most specific subclass for ``code``."""
+        if code == 1 and message and not message.startswith('Protocol "'):
+            # curl also says UNSUPPORTED_PROTOCOL for a reply it cannot parse as HTTP/1.x
+            # (HTTP/0.9, a bad version or status code): the peer broke HTTP. A refused
+            # URL or redirect scheme always reads 'Protocol "x" is disabled/not supported'.
+            return ProtocolError(code, message)
         return _BY_CODE.get(code, CurlError)(code, message)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -107,12 +108,27 @@ class Request:
             raise ValueError("buffer_size must be between 1 KiB and 10 MiB")
         if self.method == "HEAD" and self.body is not None:
             raise ValueError("a HEAD request cannot have a body")
+        _check_body(self.body)
         if (self.client_key is not None) and self.client_cert is None:
             raise ValueError("client_key needs client_cert")
         sink = self.sink
         if sink is not None and not isinstance(sink, str | os.PathLike):  # noqa: SIM102
             if not IConsumer.providedBy(sink):
                 raise ValueError("sink must be a file path or an IConsumer")
+
+
+def _check_body(body: object) -> None:
+    """Refuse, up front, a body the client could only fail on later (a str, a text file)."""
+    if body is None or isinstance(body, bytes | bytearray | memoryview):
+        return
+    if IBodyProducer.providedBy(body):
+        return
+    if isinstance(body, io.TextIOBase) or not callable(getattr(body, "read", None)):
+        # ValueError like every other bad option: one exception type to catch up front.
+        raise ValueError(  # noqa: TRY004
+            f"body must be bytes, a binary file or an IBodyProducer, not {type(body).__name__}"
+            + (" (encode text first)" if isinstance(body, str | io.TextIOBase) else "")
+        )
 
 
 class RequestOptions(TypedDict, total=False):
@@ -151,8 +167,10 @@ def configure(curl: pycurl.Curl, request: Request) -> None:
     # Only HTTP(S), on the first request and on every redirect: never file:, gopher:...
     setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
     setopt(pycurl.REDIR_PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
-    # "" disables http_proxy/https_proxy/ALL_PROXY from the environment.
+    # "" disables http_proxy/https_proxy/ALL_PROXY from the environment, and an explicit
+    # NOPROXY keeps no_proxy/NO_PROXY from bypassing an explicit proxy.
     setopt(pycurl.PROXY, request.proxy or "")
+    setopt(pycurl.NOPROXY, "")
     if request.follow_redirects:
         setopt(pycurl.FOLLOWLOCATION, 1)
         setopt(pycurl.MAXREDIRS, request.max_redirects)
@@ -168,8 +186,10 @@ def configure(curl: pycurl.Curl, request: Request) -> None:
         setopt(pycurl.MAXFILESIZE_LARGE, request.max_body_bytes)
     if request.http_version is not None:
         setopt(pycurl.HTTP_VERSION, HTTP_VERSIONS[request.http_version])
-    if request.http_version not in {"1.1", "1.0"}:
-        # Wait for a connection that can multiplex rather than opening another one.
+    if request.http_version not in {"1.1", "1.0"} and request.url[:8].lower() == "https://":
+        # Wait for a connection that can multiplex rather than opening another one. Only
+        # over TLS, where ALPN may pick HTTP/2: on http:// it would hold every concurrent
+        # fetch to a new host until the first response arrived.
         setopt(pycurl.PIPEWAIT, 1)
     if request.decode:
         setopt(pycurl.ACCEPT_ENCODING, "")
@@ -197,8 +217,13 @@ def configure(curl: pycurl.Curl, request: Request) -> None:
         setopt(pycurl.POSTFIELDS, b"")
 
     lines = [f"{name}: {value}" if value else f"{name};" for name, value in request.headers]
-    if request.body is not None and not any(n.lower() == "expect" for n, _ in request.headers):
-        # 100-continue stalls uploads for a second on servers that ignore it.
-        lines.append("Expect:")
+    if request.body is not None:
+        given = {name.lower() for name, _ in request.headers}
+        if "expect" not in given:
+            # 100-continue stalls uploads for a second on servers that ignore it.
+            lines.append("Expect:")
+        if "content-type" not in given:
+            # libcurl would label every body application/x-www-form-urlencoded.
+            lines.append("Content-Type:")
     if lines:
         setopt(pycurl.HTTPHEADER, lines)

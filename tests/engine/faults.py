@@ -6,6 +6,7 @@ and the server does exactly one wrong thing.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +49,12 @@ class FaultProtocol(Protocol):
     def reset(self) -> None:
         """Close with RST instead of FIN (SO_LINGER 0)."""
         self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def rearm(self) -> None:
+        """Wait for the next request on this connection (keep-alive): drop the head just
+        answered and call ``on_request`` again when the next one is complete."""
+        _, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        self.answered = False
 
 
 class FaultServer:
@@ -93,5 +100,84 @@ def canned(reactor: Any, response: bytes, *, close: bool = True) -> FaultServer:
         proto.transport.write(response)
         if close:
             proto.transport.loseConnection()
+
+    return FaultServer(reactor, on_request=answer)
+
+
+def refused_port() -> int:
+    """A loopback port nobody listens on: bound (so the kernel picked it), then closed.
+
+    Connecting to it gets an immediate RST (ECONNREFUSED). Another process could grab
+    the port in between, but the ephemeral range is large and the window is tiny.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def close_on_accept(reactor: Any) -> FaultServer:
+    """Sends FIN right after accept, before the request, without a byte of response.
+
+    It half-closes (``shutdown(SHUT_WR)``) and keeps reading: a full ``close()`` with
+    curl's request unread in the kernel buffer would send RST instead, and the test
+    would race between GOT_NOTHING and RECV_ERROR.
+    """
+
+    def fin(proto: FaultProtocol) -> None:
+        proto.transport.loseWriteConnection()  # type: ignore[union-attr]
+
+    return FaultServer(reactor, on_connect=fin)
+
+
+def reset_after(reactor: Any, response: bytes, *, after: float = 0.2) -> FaultServer:
+    """Answers with ``response`` (typically a head promising more body than it sends),
+    then ``after`` seconds later resets the connection (RST, not FIN)."""
+
+    def answer(proto: FaultProtocol) -> None:
+        assert proto.transport is not None
+        proto.transport.write(response)
+        proto.later(after, proto.reset)
+
+    return FaultServer(reactor, on_request=answer)
+
+
+def drip(reactor: Any, head: bytes, body: bytes, *, interval: float = 1.0) -> FaultServer:
+    """Sends ``head`` at once, then ``body`` one byte every ``interval`` seconds."""
+
+    def answer(proto: FaultProtocol) -> None:
+        assert proto.transport is not None
+        proto.transport.write(head)
+        remaining = iter(body)
+
+        def one() -> None:
+            byte = next(remaining, None)
+            if byte is None or proto.transport is None:
+                return
+            proto.transport.write(bytes([byte]))
+            proto.later(interval, one)
+
+        proto.later(interval, one)
+
+    return FaultServer(reactor, on_request=answer)
+
+
+def drop_second_request(reactor: Any, response: bytes) -> FaultServer:
+    """Keep-alive server that answers the first request on each connection with
+    ``response`` (which must leave the connection open) and closes the connection,
+    without a byte, when a second request arrives on it: the "stale pooled connection"
+    race every client hits against servers with short keep-alive timeouts."""
+
+    served: set[FaultProtocol] = set()
+
+    def answer(proto: FaultProtocol) -> None:
+        assert proto.transport is not None
+        if proto in served:
+            served.discard(proto)
+            proto.transport.loseConnection()
+            return
+        served.add(proto)
+        proto.transport.write(response)
+        proto.rearm()
 
     return FaultServer(reactor, on_request=answer)

@@ -205,10 +205,74 @@ class Hits(resource.Resource):
         return b"counted"
 
 
+class ConcurrencyLog:
+    """What ``/concurrent`` saw: arrival order, peak overlap, and each request's client port."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.peak = 0
+        self.starts: list[str] = []
+        self.ports: list[int] = []
+
+    def reset(self) -> None:
+        """Forget earlier tests' requests (the site is shared by a module)."""
+        self.active = self.peak = 0
+        self.starts.clear()
+        self.ports.clear()
+
+
+class Concurrent(resource.Resource):
+    """``/concurrent?s=S&id=X``: answers X after S seconds, recording in ``Root.concurrency``
+    the arrival order of ids, the peak number of requests in progress at once and the
+    client port of each request (one port: one connection)."""
+
+    isLeaf = True
+
+    def __init__(self, reactor: Any, log: ConcurrencyLog) -> None:
+        super().__init__()
+        self._reactor = reactor
+        self._log = log
+
+    def render_GET(self, request: Request) -> Any:
+        seconds = _float_arg(request, "s", 0.1)
+        args = request.args or {}
+        ident = args.get(b"id", [b""])[0].decode()
+        log = self._log
+        log.starts.append(ident)
+        peer: Any = request.getClientAddress()
+        log.ports.append(peer.port)
+        log.active += 1
+        log.peak = max(log.peak, log.active)
+        done = False
+
+        def end() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                log.active -= 1
+
+        def answer() -> None:
+            end()
+            if not request._disconnected:
+                request.write(ident.encode())
+                request.finish()
+
+        call = self._reactor.callLater(seconds, answer)
+
+        def lost(_: object) -> None:
+            end()
+            if call.active():
+                call.cancel()
+
+        request.notifyFinish().addErrback(lost)
+        return NOT_DONE_YET
+
+
 class Root(resource.Resource):
     def __init__(self, reactor: Any) -> None:
         super().__init__()
         self.hits: dict[str, int] = {}
+        self.concurrency = ConcurrencyLog()
         self.putChild(b"bytes", Bytes())
         self.putChild(b"stream", Stream(reactor))
         self.putChild(b"delay", Delay(reactor))
@@ -218,6 +282,7 @@ class Root(resource.Resource):
         self.putChild(b"headers", Headers())
         self.putChild(b"gzip", Gzip())
         self.putChild(b"count", Hits(self.hits))
+        self.putChild(b"concurrent", Concurrent(reactor, self.concurrency))
 
     def render_GET(self, request: Request) -> bytes:
         return b"curlfetch test target"

@@ -32,6 +32,10 @@ class TLSSite:
         server_cert = self.ca.issue_cert("127.0.0.1", "localhost")
         self.root = Root(reactor)
         self.site = Site(self.root)
+        if not http2:
+            # Site's own acceptableProtocols() (IProtocolNegotiationFactory) overrides the
+            # context's ALPN list, so h2 must be switched off here as well.
+            self.site.acceptableProtocols = lambda: [b"http/1.1"]  # type: ignore[method-assign]
         key = ssl.KeyPair.load(server_cert.private_key_pem.bytes(), crypto.FILETYPE_PEM)
         chain = server_cert.cert_chain_pems
         certificate = ssl.Certificate.loadPEM(chain[0].bytes())
