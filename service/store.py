@@ -1,0 +1,63 @@
+"""The durable job store: the interface every backend implements (SQLite now, PostgreSQL
+later), so the scheduler and the API never see SQL.
+
+Every method returns a Deferred and never blocks the reactor. A Deferred from ``add``
+fires only once the jobs are committed: the API answers 201 after that, never before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import Protocol
+
+from twisted.internet.defer import Deferred
+
+from .jobs import Job, JobState
+
+
+class JobStore(Protocol):
+    def open(self) -> Deferred[int]:
+        """Create or migrate the schema, then put jobs left ``running`` by a previous
+        process back to ``queued`` (at-least-once execution). Fires with how many."""
+
+    def close(self) -> Deferred[None]:
+        """Flush pending writes and release the database."""
+
+    def ping(self) -> Deferred[None]:
+        """Fails if the database cannot be reached (readiness)."""
+
+    def add(self, jobs: Sequence[Job]) -> Deferred[None]:
+        """Insert ``jobs`` (all ``queued``) in one transaction; fires once committed."""
+
+    def get(self, client: str, job_id: str) -> Deferred[Job | None]:
+        """The job, or None if it does not exist or belongs to another client."""
+
+    def list_jobs(
+        self, client: str, state: JobState | None, limit: int, before_id: str | None
+    ) -> Deferred[list[Job]]:
+        """A client's jobs, newest first, with ids below ``before_id`` (the cursor)."""
+
+    def claim(self, limit: int, now: float, skip_hosts: Collection[str]) -> Deferred[list[Job]]:
+        """Mark up to ``limit`` runnable jobs ``running`` and return them: ``queued``,
+        ``not_before <= now``, host not in ``skip_hosts``; highest priority first, FIFO
+        within a priority. ``attempts`` is incremented and ``started_at`` set."""
+
+    def save(self, jobs: Sequence[Job]) -> Deferred[None]:
+        """Persist new states of claimed jobs (finished, or requeued for a retry).
+
+        Only jobs still ``running`` are updated (a job cancelled while it ran stays
+        cancelled; a multi-instance backend also checks the lease owner). Writes are
+        batched: one transaction per reactor turn."""
+
+    def cancel(self, client: str, job_id: str, now: float) -> Deferred[Job | None]:
+        """Cancel a non-terminal job and return it as stored afterwards; return the
+        unchanged job if it was already terminal, None if unknown."""
+
+    def counts(self) -> Deferred[dict[JobState, int]]:
+        """How many jobs are in each state."""
+
+    def queued(self) -> int:
+        """Jobs waiting to run, as of the last write (cheap: for backpressure)."""
+
+    def purge(self, finished_before: float) -> Deferred[list[str]]:
+        """Delete terminal jobs finished before the time; fires with their ids."""
