@@ -23,6 +23,7 @@ import pycurl
 import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, threads
+from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.interfaces import IConsumer
 from twisted.web.client import FileBodyProducer
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
@@ -32,6 +33,7 @@ from service.engine import (
     BodyTooLargeError,
     ClientClosedError,
     ConnectError,
+    CurlClient,
     CurlError,
     CurlTimeoutError,
     Redirect,
@@ -1259,6 +1261,20 @@ async def test_close_fails_everything_and_is_final(engine: Engine, target: Loopb
     client.close()
 
 
+def test_close_on_shutdown_false_leaves_closing_to_the_owner() -> None:
+    """By default the client registers close() as a "before shutdown" trigger; with
+    close_on_shutdown=False it registers nothing, so a service can drain its transfers
+    before it closes the client itself."""
+    reactor = MemoryReactorClock()
+    owned = CurlClient(reactor, close_on_shutdown=False)
+    assert reactor.triggers == {}
+    default = CurlClient(reactor)
+    assert [t[0] for t in reactor.triggers["before"]["shutdown"]] == [default.close]
+    owned.close()
+    default.close()
+    assert owned.closed
+
+
 # -- threads ------------------------------------------------------------------------------
 
 
@@ -1363,3 +1379,23 @@ async def test_body_gets_no_invented_content_type(engine: Engine, target: Loopba
     )
     sent = json.loads(typed.body)["headers"]
     assert ["Content-Type", "application/json"] in sent
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_waves_reuse_every_connection(
+    engine: Engine, target: LoopbackSite
+) -> None:
+    """N concurrent HTTP/1 fetches open N connections (without libcurl's pool search),
+    and the next wave of N reuses all of them: the fresh-connection shortcut never costs
+    keep-alive reuse."""
+    client = engine.client()
+    url = target.url("/delay?s=0.2")
+    first = await engine.within(
+        defer.gatherResults([client.fetch(url) for _ in range(12)], consumeErrors=True)
+    )
+    assert sum(r.new_connections for r in first) == 12
+    second = await engine.within(
+        defer.gatherResults([client.fetch(url) for _ in range(12)], consumeErrors=True)
+    )
+    assert sum(r.new_connections for r in second) == 0
+    assert {r.local_port for r in second} == {r.local_port for r in first}
