@@ -24,6 +24,7 @@ _FEATURE_FOR_VERSION = {"2": "VERSION_HTTP2", "3": "VERSION_HTTP3"}
 # RFC 9110 token characters, for header names and methods.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _FORBIDDEN_IN_VALUE = re.compile(r"[\r\n\0]")
+_FORBIDDEN_IN_URL = re.compile(r"[\r\n\0 \t]")
 
 Body = bytes | IO[bytes] | IBodyProducer
 """bytes are sent as-is; a binary file is read as curl asks; a producer is streamed."""
@@ -80,7 +81,7 @@ class Request:
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.url, str) or not self.url:
             raise ValueError("url must be a non-empty string")
-        if any(ch in self.url for ch in "\r\n\0 \t"):
+        if _FORBIDDEN_IN_URL.search(self.url):
             raise ValueError("url must not contain whitespace, CR, LF or NUL")
         if not _TOKEN.match(self.method):
             raise ValueError(f"method {self.method!r} is not an HTTP token")
