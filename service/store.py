@@ -7,7 +7,7 @@ fires only once the jobs are committed: the API answers 201 after that, never be
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Protocol
 
 from twisted.internet.defer import Deferred
@@ -37,10 +37,22 @@ class JobStore(Protocol):
     ) -> Deferred[list[Job]]:
         """A client's jobs, newest first, with ids below ``before_id`` (the cursor)."""
 
-    def claim(self, limit: int, now: float, skip_hosts: Collection[str]) -> Deferred[list[Job]]:
+    def claim(
+        self,
+        limit: int,
+        now: float,
+        skip_hosts: Collection[str],
+        *,
+        per_host: int | None = None,
+        host_room: Mapping[str, int] | None = None,
+    ) -> Deferred[list[Job]]:
         """Mark up to ``limit`` runnable jobs ``running`` and return them: ``queued``,
         ``not_before <= now``, host not in ``skip_hosts``; highest priority first, FIFO
-        within a priority. ``attempts`` is incremented and ``started_at`` set."""
+        within a priority. ``attempts`` is incremented and ``started_at`` set.
+
+        With ``per_host``, at most that many jobs of one host are claimed (at most
+        ``host_room[host]`` for hosts listed there), so one host's backlog cannot hold
+        the slots other hosts could use."""
 
     def save(self, jobs: Sequence[Job]) -> Deferred[None]:
         """Persist new states of claimed jobs (finished, or requeued for a retry).

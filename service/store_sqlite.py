@@ -29,7 +29,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol, TypeVar, cast
 
 import attrs
@@ -112,6 +112,20 @@ _CLAIM = (
 # number of hosts. PostgreSQL: ``AND host <> ALL(%s)`` with a list.
 _CLAIM_ALL = _CLAIM.format(skip="")
 _CLAIM_SKIPPING = _CLAIM.format(skip="AND host NOT IN (SELECT value FROM json_each(?)) ")
+# With a per-host cap: rank each host's runnable jobs in claim order and take at most its
+# room (the JSON object's value for hosts already busy, else the cap), so one host's
+# backlog cannot fill a whole claim. PostgreSQL can run the same window query.
+_CLAIM_PER_HOST = (
+    "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ? "  # noqa: S608 - constant columns
+    "WHERE seq IN (SELECT seq FROM ("
+    "SELECT seq, priority, host, ROW_NUMBER() OVER "
+    "(PARTITION BY host ORDER BY priority DESC, seq) AS rank "
+    "FROM jobs WHERE state = 'queued' AND not_before <= ?) AS ranked "
+    "LEFT JOIN (SELECT key AS host, value AS room FROM json_each(?)) AS rooms USING (host) "
+    "WHERE rank <= COALESCE(rooms.room, ?) "
+    "ORDER BY priority DESC, seq LIMIT ?) "
+    f"RETURNING {_COLUMNS}"
+)
 
 _PURGE = (
     "DELETE FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled') "
@@ -387,14 +401,27 @@ class SQLiteJobStore:
 
         return self._submit(list_jobs, write=False)
 
-    def claim(self, limit: int, now: float, skip_hosts: Collection[str]) -> Deferred[list[Job]]:
+    def claim(
+        self,
+        limit: int,
+        now: float,
+        skip_hosts: Collection[str],
+        *,
+        per_host: int | None = None,
+        host_room: Mapping[str, int] | None = None,
+    ) -> Deferred[list[Job]]:
         """One ``UPDATE ... WHERE seq IN (SELECT ... LIMIT ?) RETURNING``; the subquery
         walks ``jobs_claim`` in claim order and filters ``not_before`` and hosts."""
         if limit <= 0:
             return succeed([])
-        if skip_hosts:
+        if per_host is not None:
+            rooms = dict(host_room or {})
+            rooms.update(dict.fromkeys(skip_hosts, 0))
+            sql = _CLAIM_PER_HOST
+            params: tuple[object, ...] = (now, now, json.dumps(rooms), per_host, limit)
+        elif skip_hosts:
             sql = _CLAIM_SKIPPING
-            params: tuple[object, ...] = (now, now, json.dumps(list(skip_hosts)), limit)
+            params = (now, now, json.dumps(list(skip_hosts)), limit)
         else:
             sql = _CLAIM_ALL
             params = (now, now, limit)

@@ -206,19 +206,22 @@ class Hits(resource.Resource):
 
 
 class ConcurrencyLog:
-    """What ``/concurrent`` saw: arrival order, peak overlap, and each request's client port."""
+    """What ``/concurrent`` saw: arrival order, peak overlap, each request's client port
+    and arrival time (``reactor.seconds()``)."""
 
     def __init__(self) -> None:
         self.active = 0
         self.peak = 0
         self.starts: list[str] = []
         self.ports: list[int] = []
+        self.times: list[float] = []
 
     def reset(self) -> None:
         """Forget earlier tests' requests (the site is shared by a module)."""
         self.active = self.peak = 0
         self.starts.clear()
         self.ports.clear()
+        self.times.clear()
 
 
 class Concurrent(resource.Resource):
@@ -239,6 +242,7 @@ class Concurrent(resource.Resource):
         ident = args.get(b"id", [b""])[0].decode()
         log = self._log
         log.starts.append(ident)
+        log.times.append(self._reactor.seconds())
         peer: Any = request.getClientAddress()
         log.ports.append(peer.port)
         log.active += 1
@@ -268,10 +272,38 @@ class Concurrent(resource.Resource):
         return NOT_DONE_YET
 
 
+class Flaky(resource.Resource):
+    """``/flaky/KEY?fail=N&code=C&retry_after=V``: the first N requests for a path answer
+    status C (503 by default), with ``Retry-After: V`` if given; later ones answer 200
+    ``ok``. Arrival times (``reactor.seconds()``) per path are in ``Root.flaky``."""
+
+    isLeaf = True
+
+    def __init__(self, reactor: Any, arrivals: dict[str, list[float]]) -> None:
+        super().__init__()
+        self._reactor = reactor
+        self._arrivals = arrivals
+
+    def render_GET(self, request: Request) -> bytes:
+        seen = self._arrivals.setdefault(request.path.decode(), [])
+        seen.append(self._reactor.seconds())
+        if len(seen) <= _int_arg(request, "fail", 2):
+            request.setResponseCode(_int_arg(request, "code", 503))
+            args = request.args or {}
+            if b"retry_after" in args:
+                request.setHeader(b"Retry-After", args[b"retry_after"][0])
+            return b"try again"
+        request.setHeader(b"Content-Type", b"text/plain")
+        return b"ok"
+
+    render_POST = render_GET
+
+
 class Root(resource.Resource):
     def __init__(self, reactor: Any) -> None:
         super().__init__()
         self.hits: dict[str, int] = {}
+        self.flaky: dict[str, list[float]] = {}
         self.concurrency = ConcurrencyLog()
         self.putChild(b"bytes", Bytes())
         self.putChild(b"stream", Stream(reactor))
@@ -283,6 +315,7 @@ class Root(resource.Resource):
         self.putChild(b"gzip", Gzip())
         self.putChild(b"count", Hits(self.hits))
         self.putChild(b"concurrent", Concurrent(reactor, self.concurrency))
+        self.putChild(b"flaky", Flaky(reactor, self.flaky))
 
     def render_GET(self, request: Request) -> bytes:
         return b"curlfetch test target"

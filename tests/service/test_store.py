@@ -180,6 +180,24 @@ async def test_claim_skips_busy_hosts(store: SQLiteJobStore) -> None:
     assert [j.id for j in await within(store.claim(10, T0, set()))] == [a80.id]
 
 
+@pytest_twisted.ensureDeferred
+async def test_claim_caps_each_host(store: SQLiteJobStore) -> None:
+    """With ``per_host``, one host's backlog cannot fill a claim: each host yields at most
+    its room (``host_room`` for busy hosts, else the cap), in priority-then-FIFO order, and
+    the claim still honours ``limit`` across hosts."""
+    a = [make_job(url="http://a.test/") for _ in range(5)]
+    b = [make_job(url="http://b.test/") for _ in range(5)]
+    urgent_a = make_job(url="http://a.test/", priority=5)
+    await within(store.add([*a, *b, urgent_a]))
+
+    claimed = await within(store.claim(10, T0, (), per_host=2, host_room={"b.test:80": 1}))
+    assert [j.id for j in claimed] == [urgent_a.id, a[0].id, b[0].id]
+    claimed = await within(store.claim(3, T0, (), per_host=2, host_room={"a.test:80": 0}))
+    assert [j.id for j in claimed] == [b[1].id, b[2].id]
+    claimed = await within(store.claim(3, T0, ["b.test:80"], per_host=4))
+    assert [j.id for j in claimed] == [a[1].id, a[2].id, a[3].id]
+
+
 # -- save and batching ------------------------------------------------------------------
 
 

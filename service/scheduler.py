@@ -1,0 +1,608 @@
+"""The scheduler: claims queued jobs from the store and runs them on the engine, politely.
+
+Politeness and limits: a global cap on transfers, a per-host cap, and a minimum interval
+between request starts to one host. Priorities and FIFO order come from the store's
+claim. Failed attempts are retried with exponential backoff and jitter (honouring
+``Retry-After`` up to a cap), within the job's deadline. Every state change goes back
+to the store, which batches the writes.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import re
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC
+from typing import Any, Protocol
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .bodies import BodyConsumer, BodyStore, BodyWriter
+from .engine import (
+    BodyTooLargeError,
+    ClientClosedError,
+    ConnectError,
+    CurlClient,
+    CurlError,
+    CurlTimeoutError,
+    Response,
+)
+from .jobs import BodyInfo, Job, JobError, JobResult, JobState
+from .store import JobStore
+
+log = Logger()
+
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+RETRY_CURL_CODES = ConnectError.codes | CurlTimeoutError.codes
+
+_DEADLINE_SLACK = 0.05
+"""A curl timeout this close to the job's deadline is the deadline cutting it short."""
+_DELAY_SECONDS = re.compile(r"[0-9]+")
+
+
+class SchedulerReactor(Protocol):
+    def callLater(
+        self, delay: float, callable: Callable[..., Any], *args: object, **kwargs: object
+    ) -> IDelayedCall: ...
+    def seconds(self) -> float: ...
+
+
+@attrs.frozen
+class SchedulerConfig:
+    max_concurrency: int = 256
+    max_per_host: int = 8
+    per_host_interval: float = 0.0
+    claim_batch: int = 500
+    poll_interval: float = 0.5
+    max_retry_after: float = 300.0
+    max_backoff: float = 300.0
+
+
+class SchedulerObserver(Protocol):
+    """Told about every finished attempt (metrics)."""
+
+    def attempt_finished(
+        self, job: Job, seconds: float, response: Response | None, error: JobError | None
+    ) -> None: ...
+
+
+@attrs.define
+class _Host:
+    active: int = 0
+    waiting: deque[Job] = attrs.field(factory=deque)
+    next_start: float = 0.0
+    timer: IDelayedCall | None = None
+    starting: bool = False  # _run_host is on the stack (a fetch may fail synchronously)
+
+    def idle(self, now: float) -> bool:
+        """Nothing to remember: no transfer, no waiting job, no interval still running."""
+        return (
+            not self.active
+            and not self.waiting
+            and not self.starting
+            and (self.timer is None or not self.timer.active())
+            and self.next_start <= now
+        )
+
+
+@attrs.define
+class _Running:
+    job: Job
+    host: _Host
+    deferred: Deferred[Response]
+    writer: BodyWriter
+    started: float
+    outcome: str | None = None  # "cancelled" or "drained" when we cut it short
+
+
+class Scheduler(Service):
+    """Runs jobs from ``store`` on ``client``; a Twisted service for start/drain."""
+
+    def __init__(
+        self,
+        reactor: SchedulerReactor,
+        *,
+        store: JobStore,
+        client: CurlClient,
+        bodies: BodyStore,
+        config: SchedulerConfig,
+        observer: SchedulerObserver | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._store = store
+        self._client = client
+        self._bodies = bodies
+        self.config = config
+        self._observer = observer
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
+        self._hosts: dict[str, _Host] = {}
+        self._running: dict[str, _Running] = {}
+        self._waiting = 0
+        self._claiming = False
+        self._rewake = False  # wake() came while a claim was in flight
+        self._wakeup: IDelayedCall | None = None
+        self._retry_timer: IDelayedCall | None = None  # the earliest retry coming due
+        self._draining = False
+        self._idle_waiters: list[Deferred[None]] = []
+
+    # -- service -------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self.wake()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        return self.drain(0.0)
+
+    # -- public ----------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def wake(self) -> None:
+        """Look for runnable jobs soon (new submissions call this)."""
+        if self._claiming:
+            # The claim in flight may have missed the new jobs: claim again when it returns.
+            self._rewake = True
+            return
+        self._wake_in(0)
+
+    def _wake_in(self, delay: float) -> None:
+        """Claim in ``delay`` seconds, unless a claim is already due by then."""
+        if self._draining:
+            return
+        wakeup = self._wakeup
+        if wakeup is not None and wakeup.active():
+            if wakeup.getTime() <= self._reactor.seconds() + delay:
+                return
+            wakeup.cancel()
+        self._wakeup = self._reactor.callLater(delay, self._pump)
+
+    def _retry_at(self, when: float) -> None:
+        """Claim when a retry comes due (sooner than the next poll, usually)."""
+        if self._draining:
+            return
+        timer = self._retry_timer
+        if timer is not None and timer.active():
+            if timer.getTime() <= when:
+                return
+            timer.cancel()
+        self._retry_timer = self._reactor.callLater(
+            max(0.0, when - self._reactor.seconds()), self.wake
+        )
+
+    def abort(self, job_id: str) -> bool:
+        """Stop a job the store has just marked cancelled; True if it was ours."""
+        running = self._running.get(job_id)
+        if running is not None:
+            running.outcome = "cancelled"
+            running.deferred.cancel()
+            return True
+        for name, host in list(self._hosts.items()):
+            for job in host.waiting:
+                if job.id == job_id:
+                    host.waiting.remove(job)
+                    self._waiting -= 1
+                    self._forget_if_idle(name, host)
+                    self.wake()  # its slot is free
+                    return True
+        return False
+
+    def drain(self, timeout: float) -> Deferred[None]:
+        """Stop claiming; give running transfers ``timeout`` seconds, then put the rest
+        back to ``queued``. Fires when every state change has been handed to the store."""
+        self._draining = True
+        for call in (self._wakeup, self._retry_timer):
+            if call is not None and call.active():
+                call.cancel()
+        for name, host in list(self._hosts.items()):
+            if host.timer is not None and host.timer.active():
+                host.timer.cancel()
+            host.timer = None
+            requeue = [self._requeued(job, None) for job in host.waiting]
+            host.waiting.clear()
+            if requeue:
+                self._store.save(requeue)
+            if not host.active:
+                del self._hosts[name]
+        self._waiting = 0
+        if not self._running and not self._claiming:
+            return succeed(None)
+        # A claim in flight is waited for: _admit puts its jobs back (they count as
+        # handed over only then).
+        done: Deferred[None] = Deferred()
+        self._idle_waiters.append(done)
+
+        def cut_short() -> None:
+            for running in list(self._running.values()):
+                running.outcome = "drained"
+                running.deferred.cancel()
+
+        timer = self._reactor.callLater(timeout, cut_short)
+
+        def stop_timer(result: None) -> None:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        done.addBoth(stop_timer)
+        return done
+
+    # -- claiming --------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        self._wakeup = None
+        if self._draining or self._client.closed:
+            return
+        if self._claiming:
+            self._rewake = True
+            return
+        now = self._reactor.seconds()
+        for name, host in list(self._hosts.items()):
+            self._forget_if_idle(name, host, now)
+        free = self.config.max_concurrency - len(self._running) - self._waiting
+        if free <= 0:
+            return  # every finished transfer wakes us
+        limit = min(free, self.config.claim_batch)
+        cap = self.config.max_per_host
+        room = {
+            name: max(0, cap - host.active - len(host.waiting))
+            for name, host in self._hosts.items()
+            if host.active or host.waiting
+        }
+        self._claiming = True
+        self._rewake = False
+        d = self._store.claim(limit, now, (), per_host=cap, host_room=room)
+        d.addCallbacks(self._claimed, self._claim_failed, callbackArgs=(limit,))
+        d.addErrback(lambda f: log.failure("admitting claimed jobs failed", f))
+
+    def _claimed(self, jobs: list[Job], limit: int) -> None:
+        self._claiming = False
+        for job in jobs:
+            try:
+                self._admit(job)
+            except Exception:
+                log.failure("admitting job {job_id} failed", job_id=job.id)
+        if self._draining:
+            self._check_idle()
+            return
+        if self._rewake or len(jobs) >= limit:
+            self._rewake = False
+            self.wake()
+        else:
+            # Retries come due and other instances add work: look again soon.
+            self._wake_in(self.config.poll_interval)
+
+    def _claim_failed(self, failure: Failure) -> None:
+        self._claiming = False
+        log.failure("claiming jobs failed", failure)
+        if self._draining:
+            self._check_idle()
+        else:
+            self._wake_in(self.config.poll_interval)
+
+    def _admit(self, job: Job) -> None:
+        if self._draining:
+            self._store.save([self._requeued(job, None)])
+            return
+        name = job.spec.host
+        host = self._hosts.get(name)
+        if host is None:
+            host = self._hosts[name] = _Host()
+        # Claims come in priority order, but a later claim may bring a higher priority
+        # than jobs already waiting for this host: it goes before them (FIFO otherwise).
+        waiting = host.waiting
+        priority = job.spec.priority
+        if not waiting or waiting[-1].spec.priority >= priority:
+            waiting.append(job)
+        else:
+            index = next(i for i, w in enumerate(waiting) if w.spec.priority < priority)
+            waiting.insert(index, job)
+        self._waiting += 1
+        self._run_host(name, host)
+
+    def _run_host(self, name: str, host: _Host) -> None:
+        if host.starting:
+            # A fetch failed synchronously inside _start below: the loop goes on by itself.
+            return
+        if host.timer is not None and host.timer.active():
+            host.timer.cancel()
+        host.timer = None
+        interval = self.config.per_host_interval
+        settled = False
+        host.starting = True
+        try:
+            while host.waiting and host.active < self.config.max_per_host and not self._draining:
+                now = self._reactor.seconds()
+                if now < host.next_start:
+                    host.timer = self._reactor.callLater(
+                        host.next_start - now, self._run_host, name, host
+                    )
+                    break
+                job = host.waiting.popleft()
+                self._waiting -= 1
+                # Counted before the fetch: its Deferred may fire inside _start.
+                host.active += 1
+                previous, host.next_start = host.next_start, now + interval
+                if not self._start(job, host, now):
+                    # Settled without a request: no slot taken, no interval spent.
+                    host.active -= 1
+                    host.next_start = previous
+                    settled = True
+        finally:
+            host.starting = False
+        self._forget_if_idle(name, host)
+        if settled:
+            self.wake()  # a slot came free without a transfer ending
+
+    def _forget_if_idle(self, name: str, host: _Host, now: float | None = None) -> None:
+        """Drop an idle host's entry (kept while its politeness interval still runs)."""
+        if now is None:
+            now = self._reactor.seconds()
+        if host.idle(now) and self._hosts.get(name) is host:
+            del self._hosts[name]
+
+    def _check_idle(self) -> None:
+        """Fire drain()'s Deferreds once no transfer runs and no claim is in flight."""
+        if self._running or self._claiming or not self._idle_waiters:
+            return
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    # -- running ---------------------------------------------------------------------------
+
+    def _start(self, job: Job, host: _Host, now: float) -> bool:
+        """Start the transfer; False if the job was settled without one."""
+        spec = job.spec
+        timeout = spec.timeout
+        deadline_at = job.deadline_at
+        if deadline_at is not None:
+            remaining = deadline_at - now
+            if remaining <= 0:
+                # The claim counted an attempt that never made a request.
+                unstarted = attrs.evolve(job, attempts=max(0, job.attempts - 1))
+                self._finish_attempt(
+                    unstarted, started=now, now=now, response=None, error=_deadline_error(job)
+                )
+                return False
+            timeout = min(timeout, remaining)
+        try:
+            writer = self._bodies.open_writer(job.id)
+        except Exception as e:
+            log.failure("opening the body of job {job_id} failed", job_id=job.id)
+            error = JobError("internal_error", f"cannot store the body: {e}")
+            self._finish_attempt(job, started=now, now=now, response=None, error=error)
+            return False
+        try:
+            d = self._client.fetch(
+                spec.url,
+                method=spec.method,
+                headers=spec.headers,
+                body=spec.body,
+                timeout=timeout,
+                connect_timeout=min(spec.connect_timeout, timeout),
+                follow_redirects=spec.follow_redirects,
+                max_redirects=spec.max_redirects,
+                max_body_bytes=spec.max_body_bytes,
+                http_version=spec.http_version,
+                sink=BodyConsumer(writer),
+            )
+        except Exception as e:
+            writer.abort()
+            if isinstance(e, ValueError):
+                error = JobError("invalid_request", str(e))
+            else:
+                log.failure("starting job {job_id} failed", job_id=job.id)
+                error = JobError("internal_error", f"{type(e).__name__}: {e}")
+            self._finish_attempt(job, started=now, now=now, response=None, error=error)
+            return False
+        running = _Running(job, host, d, writer, now)
+        self._running[job.id] = running
+        d.addBoth(self._fetched, running)
+        return True
+
+    def _fetched(self, result: Response | Failure, running: _Running) -> None:
+        job = running.job
+        del self._running[job.id]
+        now = self._reactor.seconds()
+        try:
+            self._settle(result, running, now)
+        except Exception as e:
+            # Never leave the job "running" in the store until the next restart.
+            log.failure("settling job {job_id} failed", job_id=job.id)
+            running.writer.abort()
+            error = JobError("internal_error", f"{type(e).__name__}: {e}")
+            self._finish_attempt(job, started=running.started, now=now, response=None, error=error)
+        host = running.host
+        host.active -= 1
+        self._run_host(job.spec.host, host)
+        self._check_idle()
+        self.wake()
+
+    def _settle(self, result: Response | Failure, running: _Running, now: float) -> None:
+        job, writer = running.job, running.writer
+        if isinstance(result, Failure) and result.check(CancelledError, ClientClosedError):
+            writer.abort()
+            if running.outcome != "cancelled":
+                # Drained, or the client was closed under us (shutdown): put it back
+                # untouched rather than fail it for something the target did not do.
+                self._store.save([self._requeued(job, None)])
+            # "cancelled": the store already says so; nothing to save.
+            return
+        response: Response | None
+        error: JobError | None
+        if isinstance(result, Response):
+            response, error = result, None
+        else:
+            response, error = self._classify_failure(result, running, now)
+        if self._should_retry(job, response, error):
+            retry_after = None if response is None else response.headers.get("retry-after")
+            delay = retry_delay(job, retry_after, now, self.config, self._rng)
+            if delay is not None:
+                writer.abort()
+                self._observe(job, now - running.started, response, error)
+                self._store.save([self._requeued(job, now + delay)])
+                self._retry_at(now + delay)
+                return
+        body: BodyInfo | None = None
+        if response is not None:
+            info = writer.commit()
+            body = BodyInfo(
+                info.size,
+                info.sha256,
+                truncated=False,
+                content_type=response.headers.get("content-type"),
+            )
+        else:
+            writer.abort()
+        self._finish_attempt(
+            job, started=running.started, now=now, response=response, error=error, body=body
+        )
+
+    def _classify_failure(
+        self, failure: Failure, running: _Running, now: float
+    ) -> tuple[Response | None, JobError | None]:
+        exc = failure.value
+        deadline_at = running.job.deadline_at
+        if (
+            isinstance(exc, CurlTimeoutError)
+            and deadline_at is not None
+            and now >= deadline_at - _DEADLINE_SLACK
+        ):
+            return None, _deadline_error(running.job)
+        if isinstance(exc, BodyTooLargeError):
+            return None, JobError(exc.name, exc.message, exc.code)
+        if isinstance(exc, CurlError):
+            return None, JobError(exc.name, exc.message, exc.code)
+        log.failure("job {job_id} failed unexpectedly", failure, job_id=running.job.id)
+        return None, JobError("internal_error", f"{type(exc).__name__}: {exc}")
+
+    def _should_retry(self, job: Job, response: Response | None, error: JobError | None) -> bool:
+        if job.attempts >= job.spec.retry.max_attempts:
+            return False
+        if response is not None:
+            return response.status in RETRY_STATUSES
+        return error is not None and error.curl_code in RETRY_CURL_CODES
+
+    def _requeued(self, job: Job, not_before: float | None) -> Job:
+        if not_before is None:
+            # Put back untouched (drain): this attempt does not count.
+            return attrs.evolve(
+                job, state=JobState.QUEUED, attempts=max(0, job.attempts - 1), started_at=None
+            )
+        return attrs.evolve(job, state=JobState.QUEUED, not_before=not_before)
+
+    def _finish_attempt(
+        self,
+        job: Job,
+        *,
+        started: float,
+        now: float,
+        response: Response | None,
+        error: JobError | None,
+        body: BodyInfo | None = None,
+    ) -> None:
+        self._observe(job, now - started, response, error)
+        if response is not None:
+            finished = attrs.evolve(
+                job,
+                state=JobState.SUCCEEDED,
+                finished_at=now,
+                result=_result(response, body),
+                error=None,
+            )
+        else:
+            finished = attrs.evolve(job, state=JobState.FAILED, finished_at=now, error=error)
+        self._store.save([finished])
+
+    def _observe(
+        self, job: Job, seconds: float, response: Response | None, error: JobError | None
+    ) -> None:
+        if self._observer is not None:
+            try:
+                self._observer.attempt_finished(job, seconds, response, error)
+            except Exception:
+                log.failure("observer failed")
+
+
+def _deadline_error(job: Job) -> JobError:
+    return JobError(
+        "deadline_exceeded", f"the job's deadline of {job.spec.deadline:g}s after submission passed"
+    )
+
+
+def backoff_delay(attempts: int, backoff: float, max_backoff: float, rng: random.Random) -> float:
+    """The pause after failed attempt number ``attempts`` (1-based): ``backoff * 2 **
+    (attempts - 1)`` times a random factor in [0.5, 1.5] (jitter), at most ``max_backoff``."""
+    base = backoff * 2.0 ** min(max(0, attempts - 1), 64)
+    return min(base * rng.uniform(0.5, 1.5), max_backoff)
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds a ``Retry-After`` value asks to wait (delay-seconds, or an HTTP-date
+    compared with ``now`` in Unix seconds); None if absent or not understood."""
+    if not value:
+        return None
+    value = value.strip()
+    if _DELAY_SECONDS.fullmatch(value):  # ASCII digits only: int("²") would raise
+        return float(value)  # a huge value becomes inf, which the cap takes care of
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+        if when.tzinfo is None:  # "-0000": UTC, source unknown (RFC 5322)
+            when = when.replace(tzinfo=UTC)
+        stamp = when.timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return max(0.0, stamp - now)
+
+
+def retry_delay(
+    job: Job, retry_after: str | None, now: float, config: SchedulerConfig, rng: random.Random
+) -> float | None:
+    """When to retry ``job`` after its failed attempt: the backoff, or ``Retry-After`` if
+    that asks for longer (up to ``config.max_retry_after``). None when the retry could not
+    start before the job's deadline."""
+    delay = backoff_delay(job.attempts, job.spec.retry.backoff, config.max_backoff, rng)
+    hinted = parse_retry_after(retry_after, now)
+    if hinted is not None:
+        delay = max(delay, min(hinted, config.max_retry_after))
+    deadline_at = job.deadline_at
+    if deadline_at is not None and now + delay >= deadline_at:
+        return None
+    return delay
+
+
+def _result(response: Response, body: BodyInfo | None) -> JobResult:
+    t = response.timings
+    return JobResult(
+        status=response.status,
+        http_version=response.http_version,
+        headers=tuple(response.headers),
+        effective_url=response.effective_url,
+        primary_ip=response.primary_ip,
+        redirects=tuple((r.status, r.location) for r in response.redirects),
+        body=body,
+        timings={
+            "queue": t.queue,
+            "namelookup": t.namelookup,
+            "connect": t.connect,
+            "tls": t.appconnect,
+            "first_byte": t.starttransfer,
+            "total": t.total,
+        },
+    )
