@@ -1,0 +1,910 @@
+"""The REST API v1 (Klein): submit, inspect, long-poll, download and cancel fetch jobs.
+
+Every response is JSON except a job's body and ``/metrics``; every error is
+``{"error": {"code", "message", "field"?}}`` with a precise status. A submission is
+answered 201 only after the store has committed it. The document of record is
+``GET /openapi.json`` (``service/openapi.py``); ``tests/service/test_openapi.py`` checks
+that it matches the routes and the real responses.
+
+Long-polls (``GET /v1/jobs/{id}?wait=N``) sleep on a per-job waiter (``JobWaiters``).
+The scheduler tells ``Metrics`` about every finished attempt, ``Metrics`` tells the
+waiters, and a woken long-poll re-reads the job on the next reactor turn, when the
+scheduler's save is already queued ahead of that read; a slow timer (``poll_interval``)
+covers changes nobody announces (another instance). A client that disconnects cancels
+its waiter, and ``start_draining`` releases them all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from io import BytesIO
+from typing import IO, Any, TypeVar
+
+import attrs
+from klein import Klein
+from twisted.internet.defer import CancelledError, Deferred, FirstError, gatherResults, succeed
+from twisted.internet.interfaces import IDelayedCall, IPullProducer, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from zope.interface import implementer
+
+from .bodies import BodyStore
+from .engine import Response
+from .jobs import Job, JobError, JobSpec, JobState, Limits, SpecError, new_job_id
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Metrics
+from .openapi import build_openapi
+from .scheduler import Scheduler
+from .store import JobStore
+from .store_sqlite import StoreClosedError
+
+log = Logger()
+T = TypeVar("T")
+
+DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
+MAX_BATCH = 1000
+MAX_WAIT = 60.0
+DEFAULT_LIST_LIMIT = 100
+MAX_LIST_LIMIT = 1000
+REFUSE_GRACE = 5.0
+"""Seconds an early-refused request's body is still read (and discarded) so that the
+413 reaches the client before the connection closes (closing with unread input would
+reset it)."""
+
+_CURSOR = re.compile(r"[0-9A-Za-z_-]{1,128}\Z")
+_DIGITS = re.compile(r"[0-9]{1,9}\Z")
+_SAFE_CONTENT_TYPE = re.compile(r"[\x20-\x7e]{1,256}\Z")
+_JSON_TYPE = "application/json"
+
+
+class ApiError(Exception):
+    """An error response: status, a stable ``code``, a message, and the offending
+    ``field`` of the request when there is one."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+        self.headers = dict(headers or {})
+
+    def to_json(self) -> dict[str, Any]:
+        return error_json(self.code, self.message, self.field)
+
+
+def error_json(code: str, message: str, field: str | None = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if field:
+        error["field"] = field
+    return {"error": error}
+
+
+# -- the job view --------------------------------------------------------------------------
+
+
+def rfc3339(ts: float | None) -> str | None:
+    """Unix seconds as an RFC 3339 UTC timestamp with milliseconds (``...T12:00:00.123Z``)."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+def job_url(job_id: str) -> str:
+    return f"/v1/jobs/{job_id}"
+
+
+def job_view(job: Job) -> dict[str, Any]:
+    """A job as the API shows it (schema ``Job`` in the OpenAPI document)."""
+    result: dict[str, Any] | None = None
+    if job.result is not None:
+        result = job.result.to_json()
+        body = job.result.body
+        result["body"] = (
+            None
+            if body is None
+            else {
+                "size": body.size,
+                "sha256": body.sha256,
+                "url": job_url(job.id) + "/body",
+                "truncated": body.truncated,
+            }
+        )
+    return {
+        "id": job.id,
+        "state": job.state.value,
+        "created_at": rfc3339(job.created_at),
+        "started_at": rfc3339(job.started_at),
+        "finished_at": rfc3339(job.finished_at),
+        "attempts": job.attempts,
+        "request": job.spec.to_json(),
+        "metadata": job.spec.metadata,
+        "result": result,
+        "error": None if job.error is None else job.error.to_json(),
+    }
+
+
+# -- long-poll waiters ---------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class _Waiter:
+    deferred: Deferred[None]
+    timer: IDelayedCall | None = None
+
+
+class JobWaiters:
+    """Long-poll bookkeeping: which jobs are watched, a change count per watched job, and
+    Deferreds that fire when a watched job may have changed (or after a timeout).
+
+    It is a ``SchedulerObserver``: a finished attempt of a watched job counts as a change
+    on the next reactor turn, by which time the scheduler has queued its save, so a read
+    issued after that is ordered after the save in the store. A long-poll notes the count
+    before each read and, if it moved meanwhile, reads again instead of sleeping: a change
+    that lands while a read is in flight is never missed.
+    """
+
+    def __init__(self, reactor: IReactorTime) -> None:
+        self._reactor = reactor
+        self._watchers: dict[str, int] = {}
+        self._changes: dict[str, int] = {}
+        self._by_job: dict[str, list[_Waiter]] = {}
+
+    def __len__(self) -> int:
+        """Long-polls in progress."""
+        return sum(self._watchers.values())
+
+    @property
+    def sleeping(self) -> int:
+        """Long-polls blocked on a Deferred right now."""
+        return sum(len(ws) for ws in self._by_job.values())
+
+    def watch(self, job_id: str) -> None:
+        self._watchers[job_id] = self._watchers.get(job_id, 0) + 1
+
+    def unwatch(self, job_id: str) -> None:
+        left = self._watchers.get(job_id, 0) - 1
+        if left > 0:
+            self._watchers[job_id] = left
+        else:
+            self._watchers.pop(job_id, None)
+            self._changes.pop(job_id, None)
+
+    def version(self, job_id: str) -> int:
+        return self._changes.get(job_id, 0)
+
+    def wait(self, job_id: str, timeout: float, seen: int) -> Deferred[None]:
+        """Fires with None once ``job_id`` changed after version ``seen`` (at once if it
+        already has), or after ``timeout``; cancellable."""
+        if self.version(job_id) != seen:
+            return succeed(None)
+        waiter = _Waiter(Deferred(lambda _: self._forget(job_id, waiter)))
+        waiter.timer = self._reactor.callLater(max(0.0, timeout), self._fire, job_id, waiter)
+        self._by_job.setdefault(job_id, []).append(waiter)
+        return waiter.deferred
+
+    def notify(self, job_id: str) -> None:
+        """``job_id`` changed (a read issued from now on sees it)."""
+        if job_id in self._watchers:
+            self._changes[job_id] = self._changes.get(job_id, 0) + 1
+        for waiter in self._by_job.pop(job_id, []):
+            self._release(waiter)
+
+    def release_all(self) -> None:
+        by_job, self._by_job = self._by_job, {}
+        for waiters in by_job.values():
+            for waiter in waiters:
+                self._release(waiter)
+
+    def attempt_finished(
+        self, job: Job, seconds: float, response: Response | None, error: JobError | None
+    ) -> None:
+        if job.id in self._watchers:
+            self._reactor.callLater(0, self.notify, job.id)
+
+    def _fire(self, job_id: str, waiter: _Waiter) -> None:
+        waiter.timer = None
+        self._forget(job_id, waiter)
+        waiter.deferred.callback(None)
+
+    def _release(self, waiter: _Waiter) -> None:
+        if waiter.timer is not None and waiter.timer.active():
+            waiter.timer.cancel()
+        waiter.timer = None
+        if not waiter.deferred.called:
+            waiter.deferred.callback(None)
+
+    def _forget(self, job_id: str, waiter: _Waiter) -> None:
+        if waiter.timer is not None and waiter.timer.active():
+            waiter.timer.cancel()
+        waiter.timer = None
+        waiters = self._by_job.get(job_id)
+        if waiters is not None and waiter in waiters:
+            waiters.remove(waiter)
+            if not waiters:
+                del self._by_job[job_id]
+
+
+# -- request bodies: bounded, refused early ------------------------------------------------
+
+
+class _BoundedContent:
+    """A request body spool that keeps at most ``limit`` bytes and notes an overflow."""
+
+    def __init__(self, limit: int, length: int | None, on_overflow: Callable[[], None]) -> None:
+        self.limit = limit
+        self.size = 0
+        self.overflowed = False
+        self._on_overflow = on_overflow
+        small = length is not None and length < 100_000
+        self._file: IO[bytes] = BytesIO() if small else tempfile.TemporaryFile()  # noqa: SIM115
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            if not self.overflowed:
+                self.overflowed = True
+                self._on_overflow()
+            return
+        self._file.write(data)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._file.read(size)
+
+    def readline(self, size: int = -1) -> bytes:
+        return self._file.readline(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class BoundedRequest(Request):
+    """A ``Request`` whose body may not exceed ``max_body`` bytes.
+
+    Over HTTP/1.1 a too-large body is refused as soon as ``Content-Length`` says so (or
+    as soon as a chunked body passes the limit): a 413 goes out at once, the rest of the
+    body is read and dropped for ``REFUSE_GRACE`` seconds, then the connection closes.
+    Over HTTP/2 the body is capped the same way and the resource answers 413.
+    """
+
+    max_body = DEFAULT_MAX_REQUEST_BYTES
+    clock: IReactorTime | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self.refused = False
+        self._grace: IDelayedCall | None = None
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = _BoundedContent(self.max_body, length, self._overflowed)
+        if length is not None and length > self.max_body:
+            # Never ask for a body we refuse (Expect: 100-continue is answered after this).
+            self.requestHeaders.removeHeader(b"expect")
+            self._refuse_early()
+
+    def _overflowed(self) -> None:
+        self._refuse_early()
+
+    def _refuse_early(self) -> None:
+        channel = self.channel
+        if self.refused or not isinstance(channel, http.HTTPChannel):
+            return
+        transport = channel.transport
+        if transport is None:
+            return
+        self.refused = True
+        body = json.dumps(
+            error_json("payload_too_large", f"the request body exceeds {self.max_body} bytes")
+        ).encode()
+        transport.write(
+            b"HTTP/1.1 413 Content Too Large\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Content-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (len(body), body)
+        )
+        if self.clock is not None:
+            self._grace = self.clock.callLater(REFUSE_GRACE, channel.loseConnection)
+        else:
+            channel.loseConnection()
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self.refused:
+            # Answered already; the whole body has been read, so closing now is clean.
+            self._cancel_grace()
+            self.channel.loseConnection()
+            return
+        super().requestReceived(command, path, version)  # type: ignore[no-untyped-call]
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._cancel_grace()
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+
+    def _cancel_grace(self) -> None:
+        if self._grace is not None and self._grace.active():
+            self._grace.cancel()
+        self._grace = None
+
+
+def bounded_request_factory(
+    max_body: int, clock: IReactorTime | None
+) -> Callable[..., BoundedRequest]:
+    """A ``Site(requestFactory=...)`` for ``BoundedRequest`` with this limit and clock."""
+    cls: type[BoundedRequest] = type(
+        "BoundedRequest", (BoundedRequest,), {"max_body": max_body, "clock": clock}
+    )
+    return cls
+
+
+# -- bodies --------------------------------------------------------------------------------
+
+
+@implementer(IPullProducer)
+class _FileProducer:
+    """Streams an open file to a request, one read per transport drain (never whole)."""
+
+    chunk_size = 64 * 1024
+
+    def __init__(self, request: Request, file: IO[bytes]) -> None:
+        self._request: Request | None = request
+        self._file = file
+
+    def start(self) -> None:
+        assert self._request is not None
+        self._request.registerProducer(self, False)
+
+    def resumeProducing(self) -> None:
+        request = self._request
+        if request is None:
+            return
+        data = self._file.read(self.chunk_size)
+        if data:
+            request.write(data)  # may re-enter resumeProducing: nothing may follow it
+            return
+        self._request = None
+        self._file.close()
+        request.unregisterProducer()
+        request.finish()
+
+    def stopProducing(self) -> None:
+        self._request = None
+        self._file.close()
+
+
+class _BodyResource(Resource):
+    """One stored body, rendered by a ``_FileProducer``."""
+
+    isLeaf = True
+
+    def __init__(self, file: IO[bytes], size: int) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._file = file
+        self._size = size
+
+    def render_GET(self, request: Request) -> bytes | int:
+        request.setHeader(b"Content-Length", b"%d" % self._size)
+        if request.method == b"HEAD":
+            self._file.close()
+            return b""
+        _FileProducer(request, self._file).start()
+        return NOT_DONE_YET
+
+    render_HEAD = render_GET
+
+
+# -- the API -------------------------------------------------------------------------------
+
+
+class JobAPI:
+    """The v1 REST API over a store, a scheduler and a body store.
+
+    ``resource()`` is the Klein resource; ``site()`` wraps it in a ``Site`` whose requests
+    refuse too-large bodies before reading them (use it rather than a bare ``Site``).
+    """
+
+    app = Klein()
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        *,
+        store: JobStore,
+        scheduler: Scheduler,
+        bodies: BodyStore,
+        limits: Limits,
+        metrics: Metrics,
+        max_queued: int,
+        client_id: str = "",
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        max_batch: int = MAX_BATCH,
+        retry_after: int = 5,
+        poll_interval: float = 1.0,
+        ping_timeout: float = 5.0,
+    ) -> None:
+        self._reactor = reactor
+        self._store = store
+        self._scheduler = scheduler
+        self._bodies = bodies
+        self._limits = limits
+        self._metrics = metrics
+        self.max_queued = max_queued
+        self.client_id = client_id
+        self.max_request_bytes = max_request_bytes
+        self.max_batch = max_batch
+        self.retry_after = retry_after
+        self.poll_interval = poll_interval
+        self.ping_timeout = ping_timeout
+        self.draining = False
+        self.waiters = JobWaiters(reactor)
+        self._adding = 0  # jobs accepted but not yet committed: backpressure counts them
+        self._openapi: bytes | None = None
+        metrics.track(store=store, scheduler=scheduler)
+        metrics.subscribe(self.waiters)
+
+    def resource(self) -> IResource:
+        resource: IResource = self.app.resource()
+        return resource
+
+    def site(self, **kwargs: Any) -> Site:
+        """A ``Site`` serving ``resource()`` with ``BoundedRequest`` requests."""
+        site = Site(
+            self.resource(),
+            requestFactory=bounded_request_factory(self.max_request_bytes, self._reactor),
+            **kwargs,
+        )
+        site.displayTracebacks = False
+        return site
+
+    def start_draining(self) -> None:
+        """Fail readiness and refuse submissions from now on; answer long-polls at once."""
+        self.draining = True
+        self.waiters.release_all()
+
+    def openapi(self) -> dict[str, Any]:
+        return build_openapi(
+            max_batch=self.max_batch,
+            max_request_bytes=self.max_request_bytes,
+            max_wait=MAX_WAIT,
+            max_list_limit=MAX_LIST_LIMIT,
+            default_list_limit=DEFAULT_LIST_LIMIT,
+        )
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    @app.route("/v1/jobs", methods=["POST"])
+    async def submit(self, request: IRequest) -> bytes:
+        """One spec, or ``{"jobs": [...]}``; all accepted or none."""
+        if self.draining:
+            raise ApiError(
+                503,
+                "draining",
+                "the service is shutting down; submit to another instance or retry",
+                headers={"Retry-After": str(self.retry_after)},
+            )
+        self._check_length(request)
+        self._check_content_type(request)
+        payload = self._read_json(request)
+        specs, batch = self._parse_submission(payload)
+        count = len(specs)
+        waiting = self._store.queued() + self._adding
+        if waiting + count > self.max_queued:
+            raise ApiError(
+                503,
+                "queue_full",
+                f"{waiting} jobs are waiting and at most {self.max_queued} may; "
+                f"retry later (nothing was accepted)",
+                headers={"Retry-After": str(self.retry_after)},
+            )
+        now = self._reactor.seconds()
+        # A batch shares a millisecond: sorted ids keep submission order in listings.
+        ids = sorted(new_job_id(now) for _ in specs)
+        jobs = [
+            Job(id=job_id, client=self.client_id, state=JobState.QUEUED, spec=spec, created_at=now)
+            for job_id, spec in zip(ids, specs, strict=True)
+        ]
+        await self._add(jobs)
+        request.setHeader(b"Location", job_url(jobs[0].id).encode("ascii"))
+        views = [job_view(job) for job in jobs]
+        return _json(request, {"jobs": views} if batch else views[0], 201)
+
+    @app.route("/v1/jobs", methods=["GET"])
+    async def list_jobs(self, request: IRequest) -> bytes:
+        """Newest first; ``next_cursor`` continues after the last job of this page."""
+        state_raw = _query(request, "state")
+        state: JobState | None = None
+        if state_raw is not None:
+            try:
+                state = JobState(state_raw)
+            except ValueError:
+                raise ApiError(
+                    400,
+                    "invalid_request",
+                    f"state must be one of {[s.value for s in JobState]}",
+                    field="state",
+                ) from None
+        limit = DEFAULT_LIST_LIMIT
+        limit_raw = _query(request, "limit")
+        if limit_raw is not None:
+            if not _DIGITS.match(limit_raw) or not 1 <= int(limit_raw) <= MAX_LIST_LIMIT:
+                raise ApiError(
+                    400,
+                    "invalid_request",
+                    f"limit must be an integer from 1 to {MAX_LIST_LIMIT}",
+                    field="limit",
+                )
+            limit = int(limit_raw)
+        cursor = _query(request, "cursor")
+        if cursor is not None and not _CURSOR.match(cursor):
+            raise ApiError(400, "invalid_request", "cursor is not a valid cursor", field="cursor")
+        jobs = await self._store.list_jobs(self.client_id, state, limit + 1, cursor)
+        next_cursor = jobs[limit - 1].id if len(jobs) > limit else None
+        return _json(
+            request, {"jobs": [job_view(j) for j in jobs[:limit]], "next_cursor": next_cursor}
+        )
+
+    @app.route("/v1/jobs/<job_id>", methods=["GET"])
+    async def get_job(self, request: IRequest, job_id: str) -> bytes:
+        """The job; with ``?wait=N``, once it is terminal or N seconds have passed."""
+        wait = _wait_arg(request)
+        if wait <= 0 or self.draining:
+            return _json(request, job_view(await self._get(job_id)))
+        self.waiters.watch(job_id)
+        try:
+            job = await self._wait_terminal(job_id, wait)
+        finally:
+            self.waiters.unwatch(job_id)
+        return _json(request, job_view(job))
+
+    @app.route("/v1/jobs/<job_id>", methods=["DELETE"])
+    async def cancel_job(self, request: IRequest, job_id: str) -> bytes:
+        """Queued or running → cancelled (a running transfer is aborted at once)."""
+        # Both in one store batch, in order: the cancel sees exactly what the get saw.
+        before_d = self._store.get(self.client_id, job_id)
+        after_d = self._store.cancel(self.client_id, job_id, self._reactor.seconds())
+
+        def settle(results: list[Job | None]) -> tuple[Job | None, Job | None]:
+            # Runs even if the client has hung up: a cancelled job's transfer must stop.
+            before, after = results
+            if (
+                before is not None
+                and after is not None
+                and not before.state.terminal
+                and after.state is JobState.CANCELLED
+            ):
+                self._scheduler.abort(job_id)
+                self.waiters.notify(job_id)
+            return before, after
+
+        both = gatherResults([before_d, after_d], consumeErrors=True)
+        before, after = await _shielded(both.addCallbacks(settle, _first_error))
+        if before is None or after is None:
+            raise _not_found(job_id)
+        if before.state.terminal or after.state is not JobState.CANCELLED:
+            raise ApiError(409, "conflict", f"job {job_id} is already {after.state.value}")
+        return _json(request, job_view(after))
+
+    @app.route("/v1/jobs/<job_id>/body", methods=["GET"])
+    async def get_body(self, request: IRequest, job_id: str) -> bytes | IResource:
+        """The stored bytes with the original Content-Type; ETag is the sha256."""
+        job = await self._get(job_id)
+        info = job.result.body if job.result is not None else None
+        if info is None:
+            raise ApiError(404, "not_found", f"job {job_id} has no body (yet)")
+        try:
+            # A local open is quick (bodies.py: local disk I/O stays on the reactor thread).
+            file = open(self._bodies.path(job.id), "rb")  # noqa: SIM115, ASYNC230
+        except FileNotFoundError:
+            raise ApiError(404, "not_found", f"the body of job {job_id} is gone") from None
+        content_type = info.content_type or "application/octet-stream"
+        if not _SAFE_CONTENT_TYPE.match(content_type):
+            content_type = "application/octet-stream"
+        request.setHeader(b"Content-Type", content_type.encode("ascii"))
+        # Fetched content is untrusted: never sniff it, never run it in our origin.
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        request.setHeader(b"Content-Security-Policy", b"sandbox")
+        if request.setETag(f'"{info.sha256}"'.encode("ascii")) is http.CACHED:
+            file.close()
+            return b""
+        size = _file_size(file)
+        return _BodyResource(file, size)
+
+    # -- service ---------------------------------------------------------------------------
+
+    @app.route("/healthz", methods=["GET"])
+    def healthz(self, request: IRequest) -> bytes:
+        """Alive: the reactor answers."""
+        return _json(request, {"status": "ok"})
+
+    @app.route("/readyz", methods=["GET"])
+    async def readyz(self, request: IRequest) -> bytes:
+        """Ready for traffic: not draining, and the store answers."""
+        if self.draining or self._scheduler.draining:
+            return _json(
+                request,
+                {"status": "draining", **error_json("draining", "the service is shutting down")},
+                503,
+            )
+        try:
+            await self._store.ping().addTimeout(self.ping_timeout, self._reactor)
+        except CancelledError:
+            raise
+        except Exception as e:
+            return _json(
+                request,
+                {
+                    "status": "unavailable",
+                    **error_json("store_unavailable", f"the job store does not answer: {e}"),
+                },
+                503,
+            )
+        return _json(request, {"status": "ready"})
+
+    @app.route("/metrics", methods=["GET"])
+    async def metrics(self, request: IRequest) -> bytes:
+        """Prometheus text exposition."""
+        text = await self._metrics.render()
+        request.setHeader(b"Content-Type", METRICS_CONTENT_TYPE.encode("ascii"))
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"Content-Length", b"%d" % len(text))
+        return text
+
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi_json(self, request: IRequest) -> bytes:
+        """The OpenAPI 3.1 document of this API."""
+        if self._openapi is None:
+            self._openapi = json.dumps(self.openapi(), indent=1).encode()
+        request.setHeader(b"Content-Type", _JSON_TYPE.encode())
+        request.setHeader(b"Content-Length", b"%d" % len(self._openapi))
+        return self._openapi
+
+    # -- errors ----------------------------------------------------------------------------
+
+    @app.handle_errors(ApiError)
+    def _api_error(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        assert isinstance(error, ApiError)
+        for name, value in error.headers.items():
+            request.setHeader(name.encode("ascii"), value.encode("ascii"))
+        return _json(request, error.to_json(), error.status)
+
+    @app.handle_errors(NotFound)
+    def _not_found(self, request: IRequest, failure: Failure) -> bytes:
+        path = request.path.decode("utf-8", "replace")
+        return _json(request, error_json("not_found", f"no such resource: {path}"), 404)
+
+    @app.handle_errors(MethodNotAllowed)
+    def _method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        assert isinstance(error, MethodNotAllowed)
+        allowed = sorted(set(error.valid_methods or ()))
+        request.setHeader(b"Allow", ", ".join(allowed).encode("ascii"))
+        method = request.method.decode("ascii", "replace")
+        message = f"{method} is not allowed here; allowed: {', '.join(allowed)}"
+        return _json(request, error_json("method_not_allowed", message), 405)
+
+    @app.handle_errors(HTTPException)
+    def _http_exception(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        assert isinstance(error, HTTPException)
+        for name, value in error.get_headers():
+            if name.lower() != "content-type":
+                request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
+        code = (error.name or "error").lower().replace(" ", "_")
+        return _json(request, error_json(code, error.description or code), error.code or 500)
+
+    @app.handle_errors(StoreClosedError)
+    def _store_closed(self, request: IRequest, failure: Failure) -> bytes:
+        request.setHeader(b"Retry-After", str(self.retry_after).encode("ascii"))
+        message = "the job store is not available; retry later"
+        return _json(request, error_json("store_unavailable", message), 503)
+
+    @app.handle_errors(Exception)
+    def _internal_error(self, request: IRequest, failure: Failure) -> bytes:
+        log.failure("{method} {path} failed", failure, method=request.method, path=request.path)
+        return _json(request, error_json("internal_error", "internal server error"), 500)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    async def _get(self, job_id: str) -> Job:
+        job = await self._store.get(self.client_id, job_id)
+        if job is None:
+            raise _not_found(job_id)
+        return job
+
+    async def _add(self, jobs: list[Job]) -> None:
+        """Commit ``jobs``, then wake the scheduler. A client that hangs up meanwhile
+        does not undo (or lose track of) the commit: the add is shielded."""
+        count = len(jobs)
+        self._adding += count
+
+        def committed(_: None) -> None:
+            self._adding -= count
+            self._metrics.jobs_submitted(count)
+            self._scheduler.wake()
+
+        def failed(failure: Failure) -> Failure:
+            self._adding -= count
+            return failure
+
+        await _shielded(self._store.add(jobs).addCallbacks(committed, failed))
+
+    async def _wait_terminal(self, job_id: str, seconds: float) -> Job:
+        deadline = self._reactor.seconds() + seconds
+        seen = self.waiters.version(job_id)
+        job = await self._get(job_id)
+        while not job.state.terminal and not self.draining:
+            remaining = deadline - self._reactor.seconds()
+            if remaining <= 0:
+                break
+            await self.waiters.wait(job_id, min(remaining, self.poll_interval), seen)
+            seen = self.waiters.version(job_id)
+            latest = await self._store.get(self.client_id, job_id)
+            if latest is None:  # purged meanwhile: show what we last saw
+                break
+            job = latest
+        return job
+
+    def _check_length(self, request: IRequest) -> None:
+        content = request.content
+        overflowed = isinstance(content, _BoundedContent) and content.overflowed
+        length = request.getHeader(b"content-length")
+        too_long = False
+        if length is not None:
+            try:
+                too_long = int(length) > self.max_request_bytes
+            except ValueError:
+                raise ApiError(400, "invalid_request", "invalid Content-Length") from None
+        if overflowed or too_long:
+            raise ApiError(
+                413,
+                "payload_too_large",
+                f"the request body exceeds {self.max_request_bytes} bytes",
+            )
+
+    def _check_content_type(self, request: IRequest) -> None:
+        raw = request.getHeader(b"content-type")
+        media = (raw or b"").split(b";", 1)[0].strip().lower()
+        if media != _JSON_TYPE.encode():
+            shown = raw.decode("latin-1") if raw else "none"
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"Content-Type must be application/json (got {shown})",
+            )
+
+    def _read_json(self, request: IRequest) -> object:
+        content = request.content
+        data: bytes = content.read(self.max_request_bytes + 1) if content is not None else b""
+        if len(data) > self.max_request_bytes:
+            raise ApiError(
+                413,
+                "payload_too_large",
+                f"the request body exceeds {self.max_request_bytes} bytes",
+            )
+        try:
+            return json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+        except UnicodeDecodeError:
+            raise ApiError(400, "invalid_request", "the body is not UTF-8") from None
+        except json.JSONDecodeError as e:
+            raise ApiError(400, "invalid_request", f"malformed JSON: {e}") from None
+        except (RecursionError, ValueError) as e:
+            raise ApiError(400, "invalid_request", f"unacceptable JSON: {e}") from None
+
+    def _parse_submission(self, payload: object) -> tuple[list[JobSpec], bool]:
+        """(specs, is_batch); SpecError becomes 400 naming the field (``jobs[3].url``)."""
+        if isinstance(payload, dict) and "jobs" in payload:
+            for key in payload:
+                if key != "jobs":
+                    raise ApiError(400, "invalid_request", "unknown field", field=str(key))
+            items = payload["jobs"]
+            if not isinstance(items, list) or not items:
+                raise ApiError(
+                    400, "invalid_request", "must be a non-empty list of job specs", field="jobs"
+                )
+            if len(items) > self.max_batch:
+                raise ApiError(
+                    413,
+                    "too_many_jobs",
+                    f"{len(items)} jobs in one request; at most {self.max_batch}",
+                    field="jobs",
+                )
+            specs = []
+            for i, raw in enumerate(items):
+                try:
+                    specs.append(JobSpec.from_json(raw, self._limits))
+                except SpecError as e:
+                    raise _spec_error(e.within(f"jobs[{i}]")) from None
+            return specs, True
+        try:
+            return [JobSpec.from_json(payload, self._limits)], False
+        except SpecError as e:
+            raise _spec_error(e) from None
+
+
+def _shielded(d: Deferred[T]) -> Deferred[T]:
+    """``d``'s result, through a Deferred whose cancellation (the client hung up) does
+    not cancel ``d``: its callbacks, which finish the work, still run."""
+    shield: Deferred[T] = Deferred()
+    d.chainDeferred(shield)
+    return shield
+
+
+def _first_error(failure: Failure) -> Failure:
+    """gatherResults wraps the first failure in FirstError; unwrap it for handle_errors."""
+    error = failure.value
+    if isinstance(error, FirstError):
+        sub: Failure = error.subFailure
+        return sub
+    return failure
+
+
+def _spec_error(e: SpecError) -> ApiError:
+    return ApiError(400, "invalid_request", e.message, field=e.field or None)
+
+
+def _not_found(job_id: str) -> ApiError:
+    return ApiError(404, "not_found", f"no job {job_id}")
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json(request: IRequest, body: object, status: int = 200) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", _JSON_TYPE.encode())
+    request.setHeader(b"Cache-Control", b"no-store")
+    data = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    request.setHeader(b"Content-Length", b"%d" % len(data))
+    return data
+
+
+def _query(request: IRequest, name: str) -> str | None:
+    values = (request.args or {}).get(name.encode())
+    if not values:
+        return None
+    value: bytes = values[-1]
+    return value.decode("utf-8", "replace")
+
+
+def _wait_arg(request: IRequest) -> float:
+    raw = _query(request, "wait")
+    if raw is None:
+        return 0.0
+    try:
+        wait = float(raw)
+    except ValueError:
+        wait = math.nan
+    if not math.isfinite(wait) or wait < 0:
+        raise ApiError(
+            400, "invalid_request", "wait must be a number of seconds >= 0", field="wait"
+        )
+    return min(wait, MAX_WAIT)
+
+
+def _file_size(file: IO[bytes]) -> int:
+    return os.fstat(file.fileno()).st_size

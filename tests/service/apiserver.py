@@ -1,0 +1,218 @@
+"""A running job service for API tests: the real ``JobAPI`` site on 127.0.0.1 port 0, a
+real SQLite store and body directory in ``tmp_path``, a real ``CurlClient`` and
+``Scheduler``, and a loopback target (``tests/engine/servers.py``) to fetch from.
+
+Tests talk to it over real HTTP with the engine's own ``CurlClient``. ``stop()`` drains the
+scheduler, closes both clients, stops both listeners, closes the store, and checks that no
+``CurlSocket`` is left registered with the reactor.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest_twisted
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import deferLater
+
+from service.api import JobAPI
+from service.bodies import DirectoryBodyStore
+from service.engine import CurlClient, CurlSocket, Headers
+from service.jobs import Limits
+from service.metrics import Metrics
+from service.scheduler import Scheduler, SchedulerConfig
+from service.store_sqlite import SQLiteJobStore
+from tests.engine.servers import LoopbackSite
+
+from .conftest import reactor
+
+CALL_TIMEOUT = 10.0
+"""Seconds any single HTTP exchange with the API may take."""
+
+
+@attrs.frozen
+class Reply:
+    status: int
+    headers: Headers
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("content-type") or ""
+
+    @property
+    def error(self) -> dict[str, Any]:
+        """The ``error`` object of an error reply."""
+        body = self.json()
+        assert set(body) >= {"error"}, body
+        error: dict[str, Any] = body["error"]
+        return error
+
+
+class Service:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        max_queued: int = 1000,
+        max_concurrency: int = 4,
+        max_request_bytes: int = 16 * 1024 * 1024,
+        max_batch: int = 1000,
+        poll_interval: float = 10.0,  # long: a missed wake-up shows as a failed wait
+        limits: Limits | None = None,
+    ) -> None:
+        self.reactor = reactor()
+        self.root = root
+        self.store = SQLiteJobStore(self.reactor, root / "jobs.sqlite3")
+        self.bodies = DirectoryBodyStore(root / "bodies")
+        self.engine = CurlClient(self.reactor)
+        self.metrics = Metrics(self.reactor, lag_interval=0.1)
+        self.scheduler = Scheduler(
+            self.reactor,
+            store=self.store,
+            client=self.engine,
+            bodies=self.bodies,
+            config=SchedulerConfig(max_concurrency=max_concurrency, poll_interval=0.2),
+            observer=self.metrics,
+        )
+        self.api = JobAPI(
+            self.reactor,
+            store=self.store,
+            scheduler=self.scheduler,
+            bodies=self.bodies,
+            limits=limits or Limits(),
+            metrics=self.metrics,
+            max_queued=max_queued,
+            max_request_bytes=max_request_bytes,
+            max_batch=max_batch,
+            retry_after=3,
+            poll_interval=poll_interval,
+        )
+        self.http = CurlClient(self.reactor)
+        self.target = LoopbackSite(self.reactor)
+        self.port: IListeningPort | None = None
+        self.base = ""
+
+    async def start(self) -> None:
+        await self.store.open().addTimeout(CALL_TIMEOUT, self.reactor)
+        self.port = self.reactor.listenTCP(0, self.api.site(), interface="127.0.0.1")
+        address: Any = self.port.getHost()
+        self.port_number: int = address.port
+        self.base = f"http://127.0.0.1:{self.port_number}"
+        self.scheduler.startService()
+        self.metrics.start()
+
+    async def stop(self) -> None:
+        try:
+            if self.scheduler.running:
+                await self.scheduler.stopService().addTimeout(CALL_TIMEOUT, self.reactor)
+            self.metrics.stop()
+            self.http.close()
+            self.engine.close()
+            if self.port is not None:
+                stopped = self.port.stopListening()
+                if stopped is not None:
+                    await stopped
+            await self.target.stop()
+            await self.store.close().addTimeout(CALL_TIMEOUT, self.reactor)
+        finally:
+            left = [
+                d
+                for d in (*self.reactor.getReaders(), *self.reactor.getWriters())
+                if isinstance(d, CurlSocket)
+            ]
+            assert not left, f"curl descriptors left registered with the reactor: {left}"
+
+    # -- talking to it ---------------------------------------------------------------------
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: object = None,
+        body: bytes | None = None,
+        headers: list[tuple[str, str]] | None = None,
+        seconds: float = CALL_TIMEOUT,
+    ) -> Reply:
+        """One request to the API; ``json_body`` is sent as application/json."""
+        sent_headers = list(headers or [])
+        if json_body is not None:
+            body = json.dumps(json_body).encode()
+            if not any(name.lower() == "content-type" for name, _ in sent_headers):
+                sent_headers.append(("Content-Type", "application/json"))
+        d = self.http.fetch(
+            self.base + path,
+            method=method,
+            headers=sent_headers,
+            body=body,
+            timeout=seconds,
+        )
+        response = await d.addTimeout(seconds + 1, self.reactor)
+        return Reply(response.status, response.headers, response.body or b"")
+
+    async def submit(self, spec: object) -> Reply:
+        return await self.call("POST", "/v1/jobs", json_body=spec)
+
+    async def wait_job(self, job_id: str, seconds: float = 5) -> dict[str, Any]:
+        reply = await self.call("GET", f"/v1/jobs/{job_id}?wait={seconds:g}")
+        assert reply.status == 200, reply
+        job: dict[str, Any] = reply.json()
+        return job
+
+    async def until(
+        self, check: Callable[[], Awaitable[bool]] | Callable[[], bool], seconds: float = 5.0
+    ) -> None:
+        """Poll ``check`` every 20 ms until it holds; fail after ``seconds``."""
+        deadline = self.reactor.seconds() + seconds
+        while True:
+            result = check()
+            if not isinstance(result, bool):
+                result = await result
+            if result:
+                return
+            assert self.reactor.seconds() < deadline, "condition not met in time"
+            await sleep(0.02)
+
+    def url(self, path: str) -> str:
+        """A target URL (what jobs fetch)."""
+        return self.target.url(path)
+
+
+def sleep(seconds: float) -> Deferred[None]:
+    return deferLater(reactor(), seconds, lambda: None)
+
+
+ServiceFactory = Callable[..., Awaitable[Service]]
+
+
+@pytest_twisted.async_yield_fixture
+async def services(tmp_path: Path) -> AsyncIterator[ServiceFactory]:
+    """Starts services with the given options; stops them all after the test."""
+    made: list[Service] = []
+
+    async def make(**options: Any) -> Service:
+        root = tmp_path / f"service{len(made)}"
+        root.mkdir()
+        svc = Service(root, **options)
+        made.append(svc)
+        await svc.start()
+        return svc
+
+    yield make
+    for svc in made:
+        await svc.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def svc(services: ServiceFactory) -> AsyncIterator[Service]:
+    """A service with the default options."""
+    yield await services()

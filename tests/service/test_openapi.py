@@ -1,0 +1,248 @@
+"""The OpenAPI 3.1 document against the implementation: it is a valid document, it lists
+exactly the Klein routes and methods, and real responses of the running service (success
+and error, for every route) validate against the documented schemas and headers."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest_twisted
+from jsonschema import Draft202012Validator
+from openapi_spec_validator import validate as validate_openapi
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+from twisted.internet import protocol
+
+from service.api import JobAPI
+
+from .apiserver import Reply, Service, ServiceFactory, services, svc
+
+__all__ = ["services", "svc"]  # fixtures
+
+DOC_URI = "urn:curlfetch:openapi"
+METHODS = ("get", "put", "post", "delete", "patch", "options", "head", "trace")
+
+
+def _pointer(*parts: str) -> str:
+    return "/" + "/".join(p.replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+class Checker:
+    """Validates replies against the document and records which documented responses
+    were seen."""
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.doc = doc
+        resource = Resource.from_contents(doc, default_specification=DRAFT202012)
+        self.registry: Registry[Any] = Registry().with_resource(DOC_URI, resource)
+        self.covered: set[tuple[str, str, str]] = set()
+
+    def check(self, reply: Reply, path: str, method: str) -> None:
+        """``reply`` to ``method path`` (a template, ``/v1/jobs/{job_id}``) is documented
+        with its status, and its headers and body match."""
+        operation = self.doc["paths"][path][method.lower()]
+        status = str(reply.status)
+        assert status in operation["responses"], (
+            f"{method} {path} answered {status}, which is not documented: {reply.body!r}"
+        )
+        where = ("paths", path, method.lower(), "responses", status)
+        self._check(reply, operation["responses"][status], where)
+        self.covered.add((path, method.lower(), status))
+
+    def check_component(self, reply: Reply, name: str) -> None:
+        """``reply`` matches ``components/responses/<name>``."""
+        where = ("components", "responses", name)
+        self._check(reply, self.doc["components"]["responses"][name], where)
+
+    def _check(self, reply: Reply, response: dict[str, Any], where: tuple[str, ...]) -> None:
+        if "$ref" in response:
+            ref = response["$ref"]
+            assert ref.startswith("#/components/responses/")
+            name = ref.rsplit("/", 1)[1]
+            response = self.doc["components"]["responses"][name]
+            where = ("components", "responses", name)
+        for header in response.get("headers", {}):
+            assert reply.headers.get(header) is not None, f"{where}: no {header} header"
+        content = response.get("content")
+        if not content:
+            assert reply.body == b"", f"{where}: documented without a body"
+            return
+        media = reply.content_type.split(";")[0].strip()
+        key = media if media in content else "*/*"
+        assert key in content, f"{where}: {media} is not a documented media type"
+        if key != "application/json":
+            return
+        schema_ref = f"{DOC_URI}#{_pointer(*where, 'content', key, 'schema')}"
+        validator = Draft202012Validator(
+            {"$ref": schema_ref},
+            registry=self.registry,
+            format_checker=Draft202012Validator.FORMAT_CHECKER,
+        )
+        errors = [
+            f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in validator.iter_errors(json.loads(reply.body))
+        ]
+        assert not errors, f"{where}: {errors}\n{reply.body[:2000]!r}"
+
+    def documented(self) -> set[tuple[str, str, str]]:
+        return {
+            (path, method, status)
+            for path, item in self.doc["paths"].items()
+            for method, operation in item.items()
+            if method in METHODS
+            for status in operation["responses"]
+        }
+
+
+async def fetch_document(service: Service) -> dict[str, Any]:
+    reply = await service.call("GET", "/openapi.json")
+    assert reply.status == 200
+    assert reply.content_type == "application/json"
+    doc: dict[str, Any] = reply.json()
+    return doc
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_document_is_valid_openapi_3_1(svc: Service) -> None:
+    """GET /openapi.json is a valid OpenAPI 3.1 document whose schemas are valid JSON
+    Schema 2020-12, with this instance's limits in it."""
+    doc = await fetch_document(svc)
+    assert doc["openapi"].startswith("3.1")
+    validate_openapi(doc)
+    for name, schema in doc["components"]["schemas"].items():
+        Draft202012Validator.check_schema(schema)
+        assert name
+    batch = doc["components"]["schemas"]["Batch"]["properties"]["jobs"]
+    assert batch["maxItems"] == svc.api.max_batch
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_route_is_documented_and_vice_versa(svc: Service) -> None:
+    """The Klein routes and the document's paths are the same set, with the same methods
+    (HEAD, which werkzeug adds to every GET route, is implied by GET)."""
+    doc = await fetch_document(svc)
+    routes: dict[str, set[str]] = {}
+    for rule in JobAPI.app.url_map.iter_rules():
+        path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)
+        routes.setdefault(path, set()).update(
+            m.lower() for m in (rule.methods or ()) if m != "HEAD"
+        )
+    documented = {path: {m for m in item if m in METHODS} for path, item in doc["paths"].items()}
+    assert routes == documented
+
+
+class _Raw(protocol.Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_responses_match_the_document(services: ServiceFactory) -> None:
+    """Every route, in success and in error, answers with a documented status, headers
+    and body; and every documented response (but 500, a bug) is produced by the run."""
+    s = await services(max_batch=2, max_queued=2, max_concurrency=1, max_request_bytes=64 * 1024)
+    doc = await fetch_document(s)
+    c = Checker(doc)
+    job_path, body_path, jobs_path = "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/body", "/v1/jobs"
+
+    c.check(await s.call("GET", "/healthz"), "/healthz", "GET")
+    c.check(await s.call("GET", "/readyz"), "/readyz", "GET")
+    c.check(await s.call("GET", "/openapi.json"), "/openapi.json", "GET")
+
+    # Success, result, body.
+    reply = await s.submit({"url": s.url("/bytes?n=100"), "metadata": {"a": 1}})
+    c.check(reply, jobs_path, "POST")
+    ok = reply.json()["id"]
+    reply = await s.call("GET", f"/v1/jobs/{ok}?wait=5")
+    assert reply.json()["state"] == "succeeded"
+    c.check(reply, job_path, "GET")
+    reply = await s.call("GET", f"/v1/jobs/{ok}/body")
+    c.check(reply, body_path, "GET")
+    etag = reply.headers.get("etag") or ""
+    c.check(
+        await s.call("GET", f"/v1/jobs/{ok}/body", headers=[("If-None-Match", etag)]),
+        body_path,
+        "GET",
+    )
+    c.check(await s.call("DELETE", f"/v1/jobs/{ok}"), job_path, "DELETE")  # 409
+
+    # Failure: a curl error in the view.
+    port = s.reactor.listenTCP(0, protocol.Factory(), interface="127.0.0.1")
+    refused = f"http://127.0.0.1:{port.getHost().port}/"
+    await port.stopListening()
+    failed = (await s.submit({"url": refused, "retry": {"max_attempts": 1}})).json()["id"]
+    reply = await s.call("GET", f"/v1/jobs/{failed}?wait=5")
+    assert reply.json()["error"]["code"] == "curl_error"
+    c.check(reply, job_path, "GET")
+
+    # A batch, and the ways a submission fails.
+    reply = await s.submit({"jobs": [{"url": s.url("/bytes")}, {"url": s.url("/bytes")}]})
+    c.check(reply, jobs_path, "POST")
+    for job in reply.json()["jobs"]:
+        await s.wait_job(job["id"])
+    c.check(await s.submit({"jobs": [{"url": s.url("/")}] * 3}), jobs_path, "POST")  # 413
+    c.check(await s.submit({"url": s.url("/"), "x": 1}), jobs_path, "POST")  # 400
+    reply = await s.call(
+        "POST", jobs_path, body=b"{", headers=[("Content-Type", "application/json")]
+    )
+    c.check(reply, jobs_path, "POST")
+    reply = await s.call("POST", jobs_path, body=b"{}", headers=[("Content-Type", "text/plain")])
+    c.check(reply, jobs_path, "POST")  # 415
+    c.check(await s.submit({"url": s.url("/"), "metadata": {"p": "x" * 70_000}}), jobs_path, "POST")
+
+    # Queued and running jobs: cancel, backpressure, bodies not there yet.
+    busy = (await s.submit({"url": s.url("/delay?s=30")})).json()["id"]
+
+    async def busy_running() -> bool:
+        reply = await s.call("GET", f"/v1/jobs/{busy}")
+        state: str = reply.json()["state"]
+        return state == "running"
+
+    await s.until(busy_running)
+    queued = (await s.submit({"url": s.url("/bytes")})).json()["id"]
+    reply = await s.submit({"jobs": [{"url": s.url("/bytes")}, {"url": s.url("/bytes")}]})
+    assert reply.status == 503
+    c.check(reply, jobs_path, "POST")
+    reply = await s.call("GET", f"/v1/jobs/{queued}?wait=0.1")
+    assert reply.json()["state"] == "queued"
+    c.check(reply, job_path, "GET")
+    c.check(await s.call("GET", f"/v1/jobs/{queued}/body"), body_path, "GET")  # 404
+    c.check(await s.call("DELETE", f"/v1/jobs/{queued}"), job_path, "DELETE")
+    c.check(await s.call("DELETE", f"/v1/jobs/{busy}"), job_path, "DELETE")
+
+    # Lists, bad parameters, unknown jobs.
+    c.check(await s.call("GET", "/v1/jobs?limit=2"), jobs_path, "GET")
+    c.check(await s.call("GET", "/v1/jobs?state=succeeded"), jobs_path, "GET")
+    c.check(await s.call("GET", "/v1/jobs?limit=0"), jobs_path, "GET")  # 400
+    c.check(await s.call("GET", f"/v1/jobs/{ok}?wait=x"), job_path, "GET")  # 400
+    unknown = "0123456789abcdef0123456789abcdef"
+    c.check(await s.call("GET", f"/v1/jobs/{unknown}"), job_path, "GET")
+    c.check(await s.call("DELETE", f"/v1/jobs/{unknown}"), job_path, "DELETE")
+    c.check(await s.call("GET", f"/v1/jobs/{unknown}/body"), body_path, "GET")
+    c.check(await s.call("GET", "/metrics"), "/metrics", "GET")
+
+    # Unknown paths and methods.
+    c.check_component(await s.call("GET", "/nope"), "NotFound")
+    c.check_component(await s.call("PATCH", jobs_path), "MethodNotAllowed")
+    c.check_component(await s.call("POST", f"/v1/jobs/{ok}"), "MethodNotAllowed")
+
+    # Draining: not ready, no submissions.
+    s.api.start_draining()
+    c.check(await s.call("GET", "/readyz"), "/readyz", "GET")
+    c.check(await s.submit({"url": s.url("/")}), jobs_path, "POST")  # 503
+
+    # The store is gone: 503, not 500.
+    await s.scheduler.stopService()
+    await s.store.close()
+    c.check(await s.call("GET", f"/v1/jobs/{ok}"), job_path, "GET")
+    c.check(await s.call("DELETE", f"/v1/jobs/{ok}"), job_path, "DELETE")
+    c.check(await s.call("GET", f"/v1/jobs/{ok}/body"), body_path, "GET")
+    c.check(await s.call("GET", jobs_path), jobs_path, "GET")
+
+    missing = {r for r in c.documented() - c.covered if r[2] != "500"}
+    assert not missing, f"documented but never produced: {sorted(missing)}"
