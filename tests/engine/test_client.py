@@ -23,8 +23,8 @@ import pycurl
 import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, threads
-from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.interfaces import IConsumer
+from twisted.internet.testing import MemoryReactorClock
 from twisted.web.client import FileBodyProducer
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer

@@ -1,0 +1,566 @@
+"""``twistd curlfetch``: the command-line options and the composition root.
+
+This is the one module that imports the global reactor, inside ``makeService``: by then
+twistd has installed the reactor it was asked for (``-r``). Everything it builds takes
+the reactor as an argument.
+
+Order of start-up and shutdown (``CurlfetchService``):
+
+- twistd does not wait for a Deferred returned by ``startService``, so the root starts its
+  children one after another itself, each once the previous one is up: the store opens
+  (putting jobs a killed process left ``running`` back to ``queued``) before the scheduler
+  claims anything, and the HTTP port opens last. A listening port means a ready service;
+  before that, connections are refused. If start-up fails, the process exits with 1.
+- SIGTERM: twistd's handler calls ``reactor.stop()``, which fires the "before shutdown"
+  triggers and waits for their Deferreds; twistd registered the application's
+  ``stopService`` as one of them. The root's ``stopService`` drains first, with the port
+  still open: ``/readyz`` and new submissions answer 503 at once, transfers in flight get
+  ``--drain-timeout`` seconds, and the rest go back to ``queued``. Then the children stop
+  in reverse order, one at a time: the port closes, the scheduler stops, the engine and
+  the store close (flushing every write), and twistd exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import attrs
+from twisted.application import strports
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet import endpoints, threads
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.error import ReactorNotRunning
+from twisted.logger import (
+    FileLogObserver,
+    ILogObserver,
+    LogEvent,
+    Logger,
+    eventAsJSON,
+    formatEvent,
+)
+from twisted.python import usage
+from twisted.python.failure import Failure
+
+from .api import JobAPI
+from .bodies import DirectoryBodyStore
+from .engine import CurlClient
+from .jobs import Limits
+from .metrics import Metrics
+from .scheduler import Scheduler, SchedulerConfig
+from .store_sqlite import SQLiteJobStore
+
+log = Logger()
+
+ENV_PREFIX = "CURLFETCH_"
+DB_NAME = "jobs.sqlite3"
+BODIES_DIR = "bodies"
+JSON_LOGGER = "service.tap.json_log_observer"
+"""What ``--log-format=json`` hands to twistd's ``--logger`` option."""
+
+
+# -- parsing -----------------------------------------------------------------------------
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\Z")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``90``, ``1.5``, ``250ms``, ``30s``, ``30m``, ``12h`` or ``7d``."""
+    match = _DURATION.match(text.strip().lower())
+    if match is None:
+        raise ValueError(f"must be seconds or a number with ms, s, m, h or d, not {text!r}")
+    return float(match[1]) * _UNITS[match[2] or "s"]
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ValueError(f"must be a whole number, not {text!r}") from None
+    if value < 1:
+        raise ValueError(f"must be at least 1, not {value}")
+    return value
+
+
+def _interval(text: str) -> float:
+    return parse_duration(text)
+
+
+def _positive_duration(text: str) -> float:
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError(f"must be more than 0, not {text!r}")
+    return value
+
+
+def _listen(text: str) -> str:
+    # serverFromString only stores the reactor in the endpoint it builds, so parsing
+    # needs none; a real one would have to be imported, and this runs before twistd
+    # installs the reactor it was asked for.
+    no_reactor: Any = object()
+    try:
+        endpoints.serverFromString(no_reactor, text)
+    except Exception as e:
+        raise ValueError(f"is not a strports description ({e})") from None
+    return text
+
+
+def _data_dir(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    path = os.path.abspath(os.path.expanduser(text))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{path} exists and is not a directory")
+    return path
+
+
+def _log_format(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("text", "json"):
+        raise ValueError(f"must be text or json, not {text!r}")
+    return value
+
+
+def env_name(option: str) -> str:
+    """``max-per-host`` -> ``CURLFETCH_MAX_PER_HOST``."""
+    return ENV_PREFIX + option.upper().replace("-", "_")
+
+
+@attrs.frozen
+class Config:
+    """The parsed options: everything ``build_service`` needs."""
+
+    listen: str = "tcp:8080:interface=127.0.0.1"
+    data_dir: str = "curlfetch-data"
+    max_concurrency: int = 256
+    max_per_host: int = 8
+    per_host_interval: float = 0.0
+    max_queued: int = 100_000
+    retention: float = 7 * 86400.0
+    drain_timeout: float = 20.0
+    log_format: str = "text"
+
+    @property
+    def db_path(self) -> str:
+        return os.path.join(self.data_dir, DB_NAME)
+
+    @property
+    def bodies_dir(self) -> str:
+        return os.path.join(self.data_dir, BODIES_DIR)
+
+
+DEFAULTS = Config()
+
+_CONVERTERS: dict[str, Callable[[str], object]] = {
+    "listen": _listen,
+    "data-dir": _data_dir,
+    "max-concurrency": _count,
+    "max-per-host": _count,
+    "per-host-interval": _interval,
+    "max-queued": _count,
+    "retention": _positive_duration,
+    "drain-timeout": _interval,
+    "log-format": _log_format,
+}
+
+
+class Options(usage.Options):
+    """``twistd curlfetch`` options. Each can also come from ``CURLFETCH_<NAME>`` in the
+    environment (``CURLFETCH_MAX_CONCURRENCY``); the command line wins."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Runs the curlfetch job service: a REST API for HTTP fetch jobs, a durable SQLite "
+        "queue and a scheduler on libcurl. Every option can also be set as an environment "
+        "variable CURLFETCH_<NAME> (CURLFETCH_MAX_CONCURRENCY=64); the command line wins. "
+        "Durations take seconds or a unit: 250ms, 30s, 30m, 12h, 7d."
+    )
+    optParameters: ClassVar[list[list[Any]]] = [
+        ["listen", None, DEFAULTS.listen, "Where the HTTP API listens (strports description)."],
+        [
+            "data-dir",
+            None,
+            DEFAULTS.data_dir,
+            f"Directory for the job database ({DB_NAME}) and {BODIES_DIR}/; created if missing.",
+        ],
+        ["max-concurrency", None, str(DEFAULTS.max_concurrency), "Transfers running at once."],
+        [
+            "max-per-host",
+            None,
+            str(DEFAULTS.max_per_host),
+            "Transfers (and connections) running at once per host:port.",
+        ],
+        [
+            "per-host-interval",
+            None,
+            "0",
+            "Least time between two request starts to one host (duration).",
+        ],
+        [
+            "max-queued",
+            None,
+            str(DEFAULTS.max_queued),
+            "Queued jobs at which submissions are refused with 503.",
+        ],
+        ["retention", None, "7d", "How long finished jobs and their bodies are kept."],
+        [
+            "drain-timeout",
+            None,
+            "20s",
+            "On SIGTERM, how long running transfers may finish before they are requeued.",
+        ],
+        ["log-format", None, "text", "text, or json: one JSON object per line on stdout."],
+    ]
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        self.environ: Mapping[str, str] = os.environ if environ is None else environ
+        self.from_env: dict[str, str] = {}
+        for name, *_ in self.optParameters:
+            value = self.environ.get(env_name(name))
+            if value is not None:
+                self[name] = value
+                self.from_env[name] = value
+        self.config = Config()
+
+    def postOptions(self) -> None:
+        values: dict[str, Any] = {}
+        for name, convert in _CONVERTERS.items():
+            raw = self[name]
+            try:
+                values[name.replace("-", "_")] = self[name] = convert(str(raw))
+            except ValueError as e:
+                source = f" (from {env_name(name)})" if self.from_env.get(name) == raw else ""
+                raise usage.UsageError(f"--{name}{source}: {e}") from None
+        self.config = Config(**values)
+        if self.config.log_format == "json":
+            self._log_json()
+
+    def _log_json(self) -> None:
+        """Have twistd log through ``json_log_observer``: its ``--logger`` option, which
+        twistd resolves after this (in its own ``postOptions``) and uses when its logging
+        begins. That happens after ``makeService``, so makeService itself could only add
+        a second observer beside twistd's text one."""
+        parent = self.parent
+        if parent is None or parent.get("logger"):
+            return  # not under twistd, or an explicit --logger: that one wins
+        if parent.get("logfile") not in (None, "", "-"):
+            raise usage.UsageError("--log-format=json writes to stdout; drop --logfile")
+        if "nodaemon" in parent and not parent["nodaemon"]:
+            raise usage.UsageError(
+                "--log-format=json writes to stdout, which a daemon closes: use twistd -n"
+            )
+        parent["logger"] = JSON_LOGGER
+
+
+# -- logging -----------------------------------------------------------------------------
+
+
+def json_line(event: LogEvent) -> str:
+    """One event as one line: Twisted's ``eventAsJSON`` (``eventFromJSON`` reads it back)
+    plus what a log collector indexes: the rendered ``message``, the ``level`` name and,
+    for a failure, its ``traceback``."""
+    extra: dict[str, object] = {"message": formatEvent(event)}
+    level = event.get("log_level")
+    if level is not None:
+        extra["level"] = level.name
+    failure = event.get("log_failure")
+    if isinstance(failure, Failure):
+        extra["traceback"] = failure.getTraceback()
+    return eventAsJSON({**event, **extra}) + "\n"
+
+
+def json_log_observer() -> ILogObserver:
+    """twistd's ``--logger`` factory for ``--log-format=json``: JSON lines on stdout.
+
+    twistd calls it just before it begins logging, so ``sys.stdout`` is still the real
+    one (twistd then points ``sys.stdout`` at the log). Also usable directly:
+    ``twistd -n --logger=service.tap.json_log_observer curlfetch``.
+    """
+    return FileLogObserver(sys.stdout, json_line)
+
+
+# -- services ----------------------------------------------------------------------------
+
+
+class LifecycleService(Service):
+    """A named child made of two callables; either may return a Deferred, which the root
+    waits for before it moves on to the next child."""
+
+    def __init__(
+        self,
+        name: str,
+        start: Callable[[], object] | None = None,
+        stop: Callable[[], object] | None = None,
+    ) -> None:
+        self.setName(name)
+        self._on_start = start
+        self._on_stop = stop
+
+    def startService(self) -> Deferred[object]:
+        super().startService()
+        return maybeDeferred(self._on_start) if self._on_start is not None else succeed(None)
+
+    def stopService(self) -> Deferred[object]:
+        super().stopService()
+        return maybeDeferred(self._on_stop) if self._on_stop is not None else succeed(None)
+
+
+class CurlfetchService(MultiService):
+    """The root: starts its children in order, each once the previous one is up; on stop,
+    drains, then stops the children that started, in reverse order, one at a time."""
+
+    def __init__(
+        self, reactor: Any, *, api: JobAPI, scheduler: Scheduler, drain_timeout: float
+    ) -> None:
+        super().__init__()
+        self._reactor = reactor
+        self.api = api
+        self.scheduler = scheduler
+        self.drain_timeout = drain_timeout
+        self._started: list[Service] = []
+        self.stopped_cleanly = False
+        """True once a stop has drained and closed everything without an error."""
+        self._starting: Deferred[None] | None = None
+        self._startup_failure: Failure | None = None
+        self._start_waiters: list[Deferred[None]] = []
+
+    def privilegedStartService(self) -> None:
+        # Not passed on: the HTTP child would bind here, before the store is open.
+        Service.privilegedStartService(self)
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self._starting = Deferred.fromCoroutine(self._start_children())
+
+    async def _start_children(self) -> None:
+        try:
+            for child in self:
+                if not self.running:
+                    return  # stopped while starting
+                await maybeDeferred(child.startService)
+                self._started.append(child)
+        except Exception:
+            self._startup_failure = Failure()
+            log.failure("curlfetch could not start", self._startup_failure)
+        finally:
+            waiters, self._start_waiters = self._start_waiters, []
+            for waiter in waiters:
+                self._fire_started(waiter)
+
+    def _fire_started(self, waiter: Deferred[None]) -> None:
+        if self._startup_failure is not None:
+            waiter.errback(self._startup_failure)
+        else:
+            waiter.callback(None)
+
+    def when_started(self) -> Deferred[None]:
+        """Fires once every child is up; fails with what stopped start-up."""
+        waiter: Deferred[None] = Deferred()
+        if self._starting is not None and self._starting.called:
+            self._fire_started(waiter)
+        else:
+            self._start_waiters.append(waiter)
+        return waiter
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop_children())
+
+    async def _stop_children(self) -> None:
+        if self._starting is not None:
+            await self._starting
+        clean = self._startup_failure is None
+        try:
+            await self.drain()
+        except Exception:
+            clean = False
+            log.failure("draining failed")
+        for child in reversed(self._started):
+            try:
+                await maybeDeferred(child.stopService)
+            except Exception:
+                clean = False
+                log.failure("stopping {service} failed", service=child.name)
+        self._started.clear()
+        self.stopped_cleanly = clean
+        log.info("curlfetch stopped")
+
+    async def drain(self) -> None:
+        """Readiness and new submissions fail at once; running transfers get
+        ``drain_timeout`` seconds to finish, then go back to ``queued``."""
+        self.api.start_draining()
+        if not self.scheduler.running:
+            return
+        started = self._reactor.seconds()
+        log.info(
+            "draining: {in_flight} transfers running, {timeout}s to finish",
+            in_flight=self.scheduler.in_flight,
+            timeout=self.drain_timeout,
+        )
+        await self.scheduler.drain(self.drain_timeout)
+        log.info("drained in {seconds:.2f}s", seconds=self._reactor.seconds() - started)
+
+
+class RetentionService(TimerService):
+    """Deletes finished jobs older than the retention, and their bodies, periodically
+    (every tenth of the retention, between 1 s and 1 h)."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        *,
+        store: SQLiteJobStore,
+        bodies: DirectoryBodyStore,
+        retention: float,
+    ) -> None:
+        super().__init__(min(max(retention / 10, 1.0), 3600.0), self.purge)
+        self.clock = reactor
+        self.setName("retention")
+        self.retention = retention
+        self._reactor = reactor
+        self._store = store
+        self._bodies = bodies
+
+    def purge(self) -> Deferred[None]:
+        """One pass; a failure is logged, and the next pass tries again."""
+        return Deferred.fromCoroutine(self._purge())
+
+    async def _purge(self) -> None:
+        try:
+            ids = await self._store.purge(self._reactor.seconds() - self.retention)
+            if not ids:
+                return
+            # The rows go first: a crash in between leaves unreferenced files, never a
+            # job whose body is missing. Unlinking many files is for a thread.
+            removed = await threads.deferToThreadPool(
+                self._reactor, self._reactor.getThreadPool(), self._bodies.delete, ids
+            )
+            log.info(
+                "retention: purged {jobs} jobs, {bodies} bodies", jobs=len(ids), bodies=removed
+            )
+        except Exception:
+            log.failure("retention purge failed")
+
+
+# -- composition -------------------------------------------------------------------------
+
+
+def build_service(reactor: Any, config: Config) -> CurlfetchService:
+    """Everything, wired; nothing started. Children, in start order: store, engine,
+    metrics, scheduler, retention, http."""
+    os.makedirs(config.data_dir, exist_ok=True)
+    store = SQLiteJobStore(reactor, config.db_path)
+    bodies = DirectoryBodyStore(config.bodies_dir)
+    client = CurlClient(
+        reactor,
+        max_concurrent=config.max_concurrency,
+        max_host_connections=config.max_per_host,
+        close_on_shutdown=False,  # closed by the "engine" child, after the drain
+    )
+    metrics = Metrics(reactor)
+    scheduler = Scheduler(
+        reactor,
+        store=store,
+        client=client,
+        bodies=bodies,
+        config=SchedulerConfig(
+            max_concurrency=config.max_concurrency,
+            max_per_host=config.max_per_host,
+            per_host_interval=config.per_host_interval,
+        ),
+        observer=metrics,
+    )
+    scheduler.setName("scheduler")
+    api = JobAPI(
+        reactor,
+        store=store,
+        scheduler=scheduler,
+        bodies=bodies,
+        limits=Limits(),
+        metrics=metrics,
+        max_queued=config.max_queued,
+    )
+    # api.site(): a Site whose requests refuse a too-large body before reading it.
+    http = strports.service(config.listen, api.site(), reactor=reactor)
+    http.setName("http")
+
+    async def open_stores() -> None:
+        recovered = await store.open()
+        if recovered:
+            log.info("requeued {count} jobs a previous process left running", count=recovered)
+        stale = await threads.deferToThreadPool(
+            reactor, reactor.getThreadPool(), bodies.remove_stale_temp_files
+        )
+        if stale:
+            log.info("removed {count} partial bodies", count=stale)
+
+    root = CurlfetchService(
+        reactor, api=api, scheduler=scheduler, drain_timeout=config.drain_timeout
+    )
+    for child in (
+        LifecycleService("store", lambda: Deferred.fromCoroutine(open_stores()), store.close),
+        LifecycleService("engine", stop=client.close),
+        LifecycleService("metrics", metrics.start, metrics.stop),
+        scheduler,
+        RetentionService(reactor, store=store, bodies=bodies, retention=config.retention),
+        http,
+    ):
+        child.setServiceParent(root)
+    return root
+
+
+def makeService(options: Options) -> CurlfetchService:
+    """twistd's entry point (through ``twisted/plugins/curlfetch_plugin.py``)."""
+    from twisted.internet import reactor
+
+    config = options.config
+    log.info(
+        "curlfetch: listen={listen} data_dir={data_dir} max_concurrency={max_concurrency}"
+        " max_per_host={max_per_host} per_host_interval={per_host_interval}s"
+        " max_queued={max_queued} retention={retention}s drain_timeout={drain_timeout}s",
+        **attrs.asdict(config, filter=lambda a, _: a.name != "log_format"),  # Twisted's key
+    )
+    root = build_service(reactor, config)
+    root.when_started().addCallbacks(
+        lambda _: log.info("curlfetch ready on {listen}", listen=config.listen),
+        _exit_after_shutdown,
+        errbackArgs=(reactor,),
+    )
+    reactor.addSystemEventTrigger("after", "shutdown", _exit_0_if_clean, root, reactor)
+    return root
+
+
+def _exit_0_if_clean(root: CurlfetchService, reactor: Any) -> None:
+    """After SIGTERM or SIGINT, twistd kills itself with that signal once the reactor has
+    stopped, so that the exit status says "killed by SIGTERM". A drained, clean stop is
+    the normal way to end: forget the signal (the reactor's ``_exitSignal``, which twistd
+    reads after ``reactor.run()`` returns) and exit 0."""
+    if root.stopped_cleanly and getattr(reactor, "_exitSignal", None) is not None:
+        reactor._exitSignal = None
+
+
+def _exit_after_shutdown(failure: Failure, reactor: Any) -> None:
+    """Start-up failed (already logged): stop, let the stop sequence close what opened,
+    then exit with 1, which twistd cannot do by itself (it exits 0 after a stop)."""
+
+    def exit_1() -> None:
+        for stream in (sys.__stdout__, sys.__stderr__):
+            if stream is not None:
+                with contextlib.suppress(Exception):
+                    stream.flush()
+        os._exit(1)
+
+    reactor.addSystemEventTrigger("after", "shutdown", exit_1)
+
+    def stop() -> None:
+        with contextlib.suppress(ReactorNotRunning):
+            reactor.stop()
+
+    reactor.callWhenRunning(stop)
