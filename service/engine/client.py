@@ -20,6 +20,7 @@ from zope.interface import implementer
 
 from .curlmulti import CurlMultiDriver, CurlReactor
 from .errors import BodyTooLargeError, ClientClosedError, CurlError, FetchError, WrongThreadError
+from .guard import TransferGuard
 from .request import Request, RequestOptions, configure
 from .response import Response, build_response
 
@@ -146,6 +147,7 @@ class _Transfer:
         "deferred",
         "error",
         "finished",
+        "guard",
         "header_lines",
         "origin",
         "paused",
@@ -162,6 +164,7 @@ class _Transfer:
         self.deferred: Deferred[Response] = Deferred()
         self.curl: pycurl.Curl = cast(pycurl.Curl, None)
         self.header_lines: list[bytes] = []
+        self.guard: TransferGuard | None = None
         self.origin: str | None = None
         self.chunks: list[bytes] | None = None
         self.body_file: IO[bytes] | None = None
@@ -425,6 +428,14 @@ class CurlClient:
         request = t.request
         configure(curl, request)
         curl.setopt(pycurl.HEADERFUNCTION, t.header_lines.append)
+        if (
+            request.connect_check is not None
+            or request.host_check is not None
+            or request.max_header_bytes is not None
+        ):
+            # Before the sink opens: a refused host fails here, with nothing to undo.
+            t.guard = TransferGuard(request, t.header_lines)
+            t.guard.install(curl)
         sink = request.sink
         if sink is None:
             chunks = t.chunks = []
@@ -495,10 +506,13 @@ class CurlClient:
             return
         t.finished = True
         result: Response | Failure
+        guard = t.guard
         if t.error is not None:
             result = Failure(t.error)
+        elif guard is not None and guard.error is not None:
+            result = Failure(guard.error)
         elif error is not None:
-            result = Failure(error)
+            result = Failure(error if guard is None else guard.failure(error))
         else:
             try:
                 result = self._response(t, curl)

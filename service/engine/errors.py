@@ -149,3 +149,40 @@ class ClientClosedError(FetchError):
 
 class WrongThreadError(RuntimeError):
     """A client method was called from a thread other than the reactor's."""
+
+
+class HeadersTooLargeError(CurlError):
+    """The response headers (all redirects included) passed ``max_header_bytes``; the
+    transfer was stopped there. Code 100 (TOO_LARGE), as libcurl's own cap says."""
+
+    codes = frozenset()  # raised by the client only; libcurl's 100 stays a ProtocolError
+
+
+class EgressDeniedError(FetchError):
+    """The request's ``connect_check`` refused every address a connection could use, or
+    its ``host_check`` refused the URL's host or a redirect's.
+
+    ``address`` is the IP (or, for a host check, the host name), ``port`` the port (None
+    for a host), ``reason`` what the check returned (the rule that refused it).
+    """
+
+    def __init__(self, address: str, port: int | None, reason: str, *, others: int = 0) -> None:
+        self.address = address
+        self.port = port
+        self.reason = reason
+        self.others = others
+        """How many more addresses of the same host were refused too."""
+        if port is None:
+            what = f"host {address}"
+        else:
+            what = (
+                f"connection to [{address}]:{port}"
+                if ":" in address
+                else (f"connection to {address}:{port}")
+            )
+        more = f" (and {others} more address{'es' if others > 1 else ''})" if others else ""
+        self.message = f"{what} denied by egress policy: {reason}{more}"
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return self.message

@@ -60,6 +60,9 @@ class Request:
     max_redirects: int = 10
     max_body_bytes: int | None = attrs.field(default=None, validator=_positive)
     """Stop, with ``BodyTooLargeError``, once the (decoded) body would pass this."""
+    max_header_bytes: int | None = attrs.field(default=None, validator=_positive)
+    """Stop, with ``HeadersTooLargeError``, once the response headers (status lines and
+    line ends included, every redirect counted) would pass this."""
     http_version: str | None = None
     """"1.0", "1.1", "2" or "3"; None lets libcurl choose (HTTP/2 over TLS)."""
     decode: bool = False
@@ -77,6 +80,16 @@ class Request:
     """``host:port:address`` pins (CURLOPT_RESOLVE). Library use only: never from a job."""
     prepare: Callable[[pycurl.Curl], None] | None = None
     """Last word on the easy handle before it starts. Library use only."""
+    connect_check: Callable[[str, int], str | None] | None = None
+    """``(ip, port) -> reason or None``, asked before every connection libcurl opens
+    (each address of a host, each redirect) and when a pooled connection is reused. A
+    reason refuses that address; if no address is left the fetch fails with
+    ``EgressDeniedError``. Runs inside libcurl: keep it fast, pure and non-blocking. With
+    a ``proxy`` it sees the proxy's address, not the target's."""
+    host_check: Callable[[str], str | None] | None = None
+    """``host -> reason or None``, asked for the URL's host (as libcurl parses it) before
+    anything is sent and for the host of every redirect before it is followed. A reason
+    fails the fetch with ``EgressDeniedError``."""
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.url, str) or not self.url:
@@ -144,6 +157,7 @@ class RequestOptions(TypedDict, total=False):
     follow_redirects: bool
     max_redirects: int
     max_body_bytes: int | None
+    max_header_bytes: int | None
     http_version: str | None
     decode: bool
     proxy: str | None
@@ -155,6 +169,8 @@ class RequestOptions(TypedDict, total=False):
     sink: Sink | None
     resolve: tuple[str, ...]
     prepare: Callable[[pycurl.Curl], None] | None
+    connect_check: Callable[[str, int], str | None] | None
+    host_check: Callable[[str], str | None] | None
 
 
 def configure(curl: pycurl.Curl, request: Request) -> None:
