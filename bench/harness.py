@@ -1,7 +1,7 @@
 """Runs the benchmark workloads side by side against one loopback nginx and prints a table
 of absolute figures and ratios against the peers. Started by ``bench/run``.
 
-    python -m bench.harness [--quick] [--only a,b,c,d] [--rounds N]
+    python -m bench.harness [--quick] [--only a,b,c,d,s] [--rounds N] [--no-profile]
 
 Every client run is its own process; rounds are interleaved (each round runs every
 client once, in a rotated order) and the tables show medians over rounds.
@@ -61,6 +61,10 @@ class Plan:
     soak_concurrency: int
     soak_every: int
     soak_warmup: int
+    service_n: int
+    service_batch: int
+    service_posts: int
+    service_concurrency: int
 
 
 FULL = Plan(
@@ -76,6 +80,10 @@ FULL = Plan(
     soak_concurrency=200,
     soak_every=10_000,
     soak_warmup=50_000,
+    service_n=20_000,
+    service_batch=500,
+    service_posts=4,
+    service_concurrency=200,
 )
 QUICK = Plan(
     rounds=1,
@@ -90,6 +98,10 @@ QUICK = Plan(
     soak_concurrency=200,
     soak_every=2_000,
     soak_warmup=6_000,
+    service_n=2_000,
+    service_batch=500,
+    service_posts=4,
+    service_concurrency=200,
 )
 
 
@@ -169,8 +181,10 @@ def client_env() -> dict[str, str]:
     return env
 
 
-def run_python_client(client: str, argv: Sequence[str], timeout: float) -> Run:
-    script = BENCH / f"client_{client}.py"
+def run_python_client(
+    client: str, argv: Sequence[str], timeout: float, script: Path | None = None
+) -> Run:
+    script = script or BENCH / f"client_{client}.py"
     finished = run_process([PYTHON, str(script), *argv], timeout, client_env())
     run = Run(client=client, process_wall=finished.wall, process_cpu=finished.cpu)
     run.stderr_tail = "\n".join(finished.stderr.strip().splitlines()[-5:])
@@ -453,6 +467,7 @@ def rotated(items: Sequence[str], round_index: int) -> list[str]:
 SMALL_CLIENTS = ("engine", "curl", "aiohttp", "treq")
 BIG_CLIENTS = ("engine", "curl", "aiohttp", "treq")
 SLOW_CLIENTS = ("engine", "aiohttp", "treq")
+SERVICE_CLIENTS = ("service", "curl")
 LABELS = {"curl": "curl CLI"}
 
 
@@ -486,11 +501,19 @@ def med(runs: Sequence[Run], metric: Callable[[Run], float]) -> float | None:
 
 
 class Bench:
-    def __init__(self, plan: Plan, port: int, work: Path, nginx_pid: int) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        port: int,
+        work: Path,
+        nginx_pid: int,
+        profile_to: Path | None = None,
+    ) -> None:
         self.plan = plan
         self.port = port
         self.work = work
         self.nginx_pid = nginx_pid
+        self.profile_to = profile_to
         self.record: dict[str, Any] = {"plan": asdict(plan)}
 
     def url(self, name: str) -> str:
@@ -785,6 +808,163 @@ class Bench:
         )
         out(f"  {probe.summary()}")
 
+    # (s) ----------------------------------------------------------------------------------
+
+    def service(self) -> None:
+        p = self.plan
+        c = min(p.service_concurrency, CURL_PARALLEL_MAX)
+        out(
+            f"(s) the job service end to end: {p.service_n:,} jobs of 1 KiB through "
+            f"POST /v1/jobs, {p.service_batch} per POST, {p.service_posts} POSTs in flight, "
+            f"until all are terminal (twistd curlfetch --max-concurrency {c}, a fresh one per "
+            f"run); curl CLI --parallel-max {c} on the same URLs; {p.rounds} rounds"
+        )
+        probe = self.probe()
+        runs: dict[str, list[Run]] = {client: [] for client in SERVICE_CLIENTS}
+        url = self.url(SMALL_FILE)
+        for r in range(p.rounds):
+            for client in rotated(SERVICE_CLIENTS, r):
+                if client == "curl":
+                    pairs = [(f"{url}?i={i}", "/dev/null") for i in range(p.service_n)]
+                    run = run_curl_cli(pairs, c, self.work / "service-urls.cfg", 600)
+                    got = req_per_s(run) if run.wall else 0.0
+                    out(
+                        f"  round {r + 1} {'curl CLI':<8} {got:>7,.0f} req/s  "
+                        f"wall {run.wall:5.1f} s  CPU {run.cpu:5.2f} s "
+                        f"({cpu_us_per_req(run):.0f} µs/req)  {describe_failure(run)}"
+                    )
+                else:
+                    run = self._service_run(c, None)
+                    out(f"  round {r + 1} {'service':<8} {_service_line(run)}")
+                runs[client].append(run)
+
+        out()
+        rows = []
+        summary: dict[str, Any] = {}
+        curl_rate, curl_cpu = med(runs["curl"], req_per_s), med(runs["curl"], cpu_us_per_req)
+        for client in SERVICE_CLIENTS:
+            mine = runs[client]
+            rate, cpu = med(mine, req_per_s), med(mine, cpu_us_per_req)
+            wall = med(mine, lambda x: x.wall)
+            rows.append(
+                [
+                    LABELS.get(client, client),
+                    fmt(rate, ",.0f") + spread(values(mine, req_per_s)),
+                    fmt(wall, ".2f"),
+                    fmt(cpu, ",.0f"),
+                    ratio(rate, curl_rate),
+                    ratio(cpu, curl_cpu),
+                ]
+            )
+            summary[client] = {"per_s": rate, "wall": wall, "cpu_us_per_job": cpu}
+        out(
+            f"  medians over {p.rounds} round(s); service: first POST to the last job's "
+            f"finished_at, CPU of the twistd process"
+        )
+        table(["client", "jobs/s", "wall s", "CPU µs/job", "vs curl", "CPU vs curl"], rows)
+
+        service_runs = clean(runs["service"])
+        if service_runs:
+            out()
+            lat_rows = []
+            for key, name in (
+                ("submit_latency", "submission (per POST of the batch)"),
+                ("to_terminal_latency", "submission until terminal (per job)"),
+                ("in_service_latency", "created_at to finished_at (per job)"),
+            ):
+                cells = [
+                    fmt(median([x.extra[key][q] * 1000 for x in service_runs]), ",.0f")
+                    for q in ("p50", "p99", "max")
+                ]
+                lat_rows.append([name, *cells])
+                summary["service"][key] = {
+                    q: median([x.extra[key][q] for x in service_runs])
+                    for q in ("p50", "p99", "max")
+                }
+            out("  service latency, ms (medians over rounds)")
+            table(["", "p50", "p99", "max"], lat_rows)
+            accept = median([x.extra["submit_jobs_s"] for x in service_runs])
+            submit_wall = median([x.extra["submit_wall"] for x in service_runs])
+            driver = median([x.extra["driver_cpu"] for x in service_runs])
+            out(
+                f"  the API accepted {fmt(accept, ',.0f')} jobs/s (all {p.service_n:,} in "
+                f"{fmt(submit_wall, '.2f')} s, while fetching); the bench driver used "
+                f"{fmt(driver, '.2f')} CPU s"
+            )
+            summary["service"]["accepted_jobs_s"] = accept
+        out()
+        s_rate = summary["service"]["per_s"]
+        missed = False
+        if s_rate is None or curl_rate is None:
+            out("  target: service >= 0.5x curl CLI's rate end to end: cannot judge, a run failed")
+        else:
+            missed = s_rate < 0.5 * curl_rate
+            out(
+                f"  target: service >= 0.5x curl CLI's rate end to end: {s_rate / curl_rate:.2f}x "
+                f"{verdict(not missed)}"
+            )
+        out(f"  {probe.summary()}")
+        self.record["s"] = {
+            "summary": summary,
+            "runs": {k: [asdict(x) for x in v] for k, v in runs.items()},
+        }
+        if missed and self.profile_to is not None:
+            self._service_profile(c)
+
+    def _service_run(self, concurrency: int, profile: Path | None) -> Run:
+        p = self.plan
+        argv = [
+            "--url", self.url(SMALL_FILE), "-n", str(p.service_n),
+            "--batch", str(p.service_batch), "--posts", str(p.service_posts),
+            "-c", str(concurrency), "--expect-size", str(KIB), "--work", str(self.work),
+            "--timeout", "500",
+        ]  # fmt: skip
+        if profile is not None:
+            argv += ["--profile", str(profile), "--top", "15"]
+        return run_python_client("service", argv, 600, script=BENCH / "service_bench.py")
+
+    def _service_profile(self, concurrency: int) -> None:
+        """One more run under py-spy (not counted: sampling slows it) and its hotspots."""
+        assert self.profile_to is not None
+        out()
+        out("  the target was missed: one more run under py-spy (not counted; it slows the")
+        out("  service) to show where the service spends its time")
+        run = self._service_run(concurrency, self.profile_to)
+        out(f"  profiled run: {_service_line(run)}")
+        profile = run.extra.get("profile")
+        if not profile:
+            out("  no profile was recorded")
+            return
+        self.record["s"]["profile"] = profile
+        from bench.service_bench import profile_lines
+
+        out(
+            f"  py-spy: {profile['samples']:,} samples at 100/s of the twistd process's busy "
+            f"threads (a thread in a blocking syscall such as fsync counts as busy); stacks in "
+            f"{self.profile_to.relative_to(ROOT)} (speedscope reads them)"
+        )
+        for line in profile_lines(profile):
+            out(f"  {line}")
+
+
+def _service_line(run: Run) -> str:
+    if run.failed or not run.wall:
+        return describe_failure(run) or "no result"
+    e = run.extra
+    sub, term = e.get("submit_latency") or {}, e.get("to_terminal_latency") or {}
+
+    def ms(d: dict[str, float], q: str) -> str:
+        return f"{d[q] * 1000:.0f}" if q in d else "-"
+
+    def sec(d: dict[str, float], q: str) -> str:
+        return f"{d[q]:.1f}" if q in d else "-"
+
+    return (
+        f"{req_per_s(run):>7,.0f} jobs/s  wall {run.wall:5.1f} s  service CPU {run.cpu:5.2f} s "
+        f"({cpu_us_per_req(run):.0f} µs/job)  submit p50/p99 {ms(sub, 'p50')}/{ms(sub, 'p99')} ms"
+        f"  to terminal p50/p99 {sec(term, 'p50')}/{sec(term, 'p99')} s  {describe_failure(run)}"
+    ).rstrip()
+
 
 # -- main -----------------------------------------------------------------------------------
 
@@ -808,12 +988,17 @@ def versions() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench/run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small N, one round: a smoke check")
-    parser.add_argument("--only", default="a,b,c,d", help="workloads to run, e.g. a,b")
+    parser.add_argument("--only", default="a,b,c,d,s", help="workloads to run, e.g. a,b")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3, quick 1)")
+    parser.add_argument(
+        "--no-profile",
+        action="store_true",
+        help="(s) no extra py-spy run of the service when its target is missed",
+    )
     args = parser.parse_args(argv)
     only = {w.strip() for w in args.only.split(",") if w.strip()}
-    if not only or not only <= set("abcd"):
-        parser.error("--only takes a comma-separated subset of a,b,c,d")
+    if not only or not only <= set("abcds"):
+        parser.error("--only takes a comma-separated subset of a,b,c,d,s")
     plan = QUICK if args.quick else FULL
     if args.rounds is not None:
         if args.rounds < 1:
@@ -836,9 +1021,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         with nginx(work / "nginx", big="b" in only) as (port, proc):
             out(f"  nginx: 1 worker on 127.0.0.1:{port}, keep-alive, access log off")
             out(f"  work dir {work}")
-            bench = Bench(plan, port, work, proc.pid)
-            steps = {"a": bench.small, "b": bench.big, "c": bench.slow, "d": bench.soak}
-            for key in "abcd":
+            profile_to = None if args.no_profile else results / f"{stamp}-service-profile.txt"
+            bench = Bench(plan, port, work, proc.pid, profile_to)
+            steps = {
+                "a": bench.small,
+                "b": bench.big,
+                "c": bench.slow,
+                "d": bench.soak,
+                "s": bench.service,
+            }
+            for key in "abcds":
                 if key in only:
                     out()
                     steps[key]()

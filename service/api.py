@@ -12,6 +12,13 @@ waiters, and a woken long-poll re-reads the job on the next reactor turn, when t
 scheduler's save is already queued ahead of that read; a slow timer (``poll_interval``)
 covers changes nobody announces (another instance). A client that disconnects cancels
 its waiter, and ``start_draining`` releases them all.
+
+Authentication (``service/auth.py``): with tokens configured, every ``/v1`` route (and
+``/metrics`` unless it is configured open) needs ``Authorization: Bearer <token>``, and
+the token's client is the only one whose jobs the request can see: another client's job
+is 404, exactly like a job that does not exist. Without tokens every request is the
+anonymous client ``""``. ``/healthz``, ``/readyz`` and ``/openapi.json`` are always open.
+Per-client quotas on submissions (``service/quotas.py``) answer 429 with Retry-After.
 """
 
 from __future__ import annotations
@@ -39,12 +46,14 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from zope.interface import implementer
 
+from .auth import AuthFailure, TokenSet, authenticate
 from .bodies import BodyStore
 from .engine import Response
 from .jobs import Job, JobError, JobSpec, JobState, Limits, SpecError, new_job_id
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import build_openapi
+from .quotas import ClientQuotas, RateLimiter, retry_after
 from .scheduler import Scheduler
 from .store import JobStore
 from .store_sqlite import StoreClosedError
@@ -290,10 +299,15 @@ class BoundedRequest(Request):
     as soon as a chunked body passes the limit): a 413 goes out at once, the rest of the
     body is read and dropped for ``REFUSE_GRACE`` seconds, then the connection closes.
     Over HTTP/2 the body is capped the same way and the resource answers 413.
+
+    With a ``gate`` (authentication), a request that has a body but fails the gate is
+    refused the same way (401/400) before any of its body is stored: an unauthenticated
+    peer cannot make the service spool anything.
     """
 
     max_body = DEFAULT_MAX_REQUEST_BYTES
     clock: IReactorTime | None = None
+    gate: Callable[[IRequest], AuthFailure | None] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
@@ -301,16 +315,34 @@ class BoundedRequest(Request):
         self._grace: IDelayedCall | None = None
 
     def gotLength(self, length: int | None) -> None:
+        gate = type(self).gate
+        failure = None if gate is None or length == 0 else gate(self)
+        if failure is not None:
+            # Keeps nothing: every byte of the body is dropped as it arrives.
+            self.content = _BoundedContent(0, 0, self._overflowed)
+            self.requestHeaders.removeHeader(b"expect")
+            self._refuse_early(
+                failure.status,
+                error_json(failure.code, failure.message),
+                {b"WWW-Authenticate": failure.challenge.encode("ascii")},
+            )
+            return
         self.content = _BoundedContent(self.max_body, length, self._overflowed)
         if length is not None and length > self.max_body:
             # Never ask for a body we refuse (Expect: 100-continue is answered after this).
             self.requestHeaders.removeHeader(b"expect")
-            self._refuse_early()
+            self._refuse_too_large()
 
     def _overflowed(self) -> None:
-        self._refuse_early()
+        self._refuse_too_large()
 
-    def _refuse_early(self) -> None:
+    def _refuse_too_large(self) -> None:
+        message = f"the request body exceeds {self.max_body} bytes"
+        self._refuse_early(413, error_json("payload_too_large", message))
+
+    def _refuse_early(
+        self, status: int, error: dict[str, Any], headers: Mapping[bytes, bytes] | None = None
+    ) -> None:
         channel = self.channel
         if self.refused or not isinstance(channel, http.HTTPChannel):
             return
@@ -318,14 +350,14 @@ class BoundedRequest(Request):
         if transport is None:
             return
         self.refused = True
-        body = json.dumps(
-            error_json("payload_too_large", f"the request body exceeds {self.max_body} bytes")
-        ).encode()
+        body = json.dumps(error).encode()
+        reason = b"Content Too Large" if status == 413 else http.RESPONSES.get(status, b"Error")
+        extra = b"".join(b"%s: %s\r\n" % item for item in (headers or {}).items())
         transport.write(
-            b"HTTP/1.1 413 Content Too Large\r\n"
+            b"HTTP/1.1 %d %s\r\n"
             b"Content-Type: application/json\r\n"
-            b"Content-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%s" % (len(body), body)
+            b"Content-Length: %d\r\n%s"
+            b"Connection: close\r\n\r\n%s" % (status, reason, len(body), extra, body)
         )
         if self.clock is not None:
             self._grace = self.clock.callLater(REFUSE_GRACE, channel.loseConnection)
@@ -351,12 +383,16 @@ class BoundedRequest(Request):
 
 
 def bounded_request_factory(
-    max_body: int, clock: IReactorTime | None
+    max_body: int,
+    clock: IReactorTime | None,
+    gate: Callable[[IRequest], AuthFailure | None] | None = None,
 ) -> Callable[..., BoundedRequest]:
-    """A ``Site(requestFactory=...)`` for ``BoundedRequest`` with this limit and clock."""
-    cls: type[BoundedRequest] = type(
-        "BoundedRequest", (BoundedRequest,), {"max_body": max_body, "clock": clock}
-    )
+    """A ``Site(requestFactory=...)`` for ``BoundedRequest`` with this limit, clock and
+    gate."""
+    attributes: dict[str, object] = {"max_body": max_body, "clock": clock}
+    if gate is not None:
+        attributes["gate"] = staticmethod(gate)
+    cls: type[BoundedRequest] = type("BoundedRequest", (BoundedRequest,), attributes)
     return cls
 
 
@@ -438,7 +474,9 @@ class JobAPI:
         limits: Limits,
         metrics: Metrics,
         max_queued: int,
-        client_id: str = "",
+        tokens: TokenSet | None = None,
+        metrics_auth: bool = True,
+        quotas: ClientQuotas | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         max_batch: int = MAX_BATCH,
         retry_after: int = 5,
@@ -452,7 +490,10 @@ class JobAPI:
         self._limits = limits
         self._metrics = metrics
         self.max_queued = max_queued
-        self.client_id = client_id
+        self.tokens = tokens or TokenSet()
+        self.metrics_auth = metrics_auth
+        self.quotas = quotas or ClientQuotas()
+        self.rates = RateLimiter(reactor, self.quotas.rate, self.quotas.bucket_size)
         self.max_request_bytes = max_request_bytes
         self.max_batch = max_batch
         self.retry_after = retry_after
@@ -461,6 +502,7 @@ class JobAPI:
         self.draining = False
         self.waiters = JobWaiters(reactor)
         self._adding = 0  # jobs accepted but not yet committed: backpressure counts them
+        self._adding_by: dict[str, int] = {}  # the same per client, for its quota
         self._openapi: bytes | None = None
         metrics.track(store=store, scheduler=scheduler)
         metrics.subscribe(self.waiters)
@@ -471,9 +513,10 @@ class JobAPI:
 
     def site(self, **kwargs: Any) -> Site:
         """A ``Site`` serving ``resource()`` with ``BoundedRequest`` requests."""
+        gate = self._auth_failure if self.tokens else None
         site = Site(
             self.resource(),
-            requestFactory=bounded_request_factory(self.max_request_bytes, self._reactor),
+            requestFactory=bounded_request_factory(self.max_request_bytes, self._reactor, gate),
             **kwargs,
         )
         site.displayTracebacks = False
@@ -498,6 +541,7 @@ class JobAPI:
     @app.route("/v1/jobs", methods=["POST"])
     async def submit(self, request: IRequest) -> bytes:
         """One spec, or ``{"jobs": [...]}``; all accepted or none."""
+        client = self._client(request)
         if self.draining:
             raise ApiError(
                 503,
@@ -510,6 +554,7 @@ class JobAPI:
         payload = self._read_json(request)
         specs, batch = self._parse_submission(payload)
         count = len(specs)
+        self._check_quotas(client, count)
         waiting = self._store.queued() + self._adding
         if waiting + count > self.max_queued:
             raise ApiError(
@@ -523,10 +568,11 @@ class JobAPI:
         # A batch shares a millisecond: sorted ids keep submission order in listings.
         ids = sorted(new_job_id(now) for _ in specs)
         jobs = [
-            Job(id=job_id, client=self.client_id, state=JobState.QUEUED, spec=spec, created_at=now)
+            Job(id=job_id, client=client, state=JobState.QUEUED, spec=spec, created_at=now)
             for job_id, spec in zip(ids, specs, strict=True)
         ]
-        await self._add(jobs)
+        self.rates.take(client, count)
+        await self._add(client, jobs)
         request.setHeader(b"Location", job_url(jobs[0].id).encode("ascii"))
         views = [job_view(job) for job in jobs]
         return _json(request, {"jobs": views} if batch else views[0], 201)
@@ -534,6 +580,7 @@ class JobAPI:
     @app.route("/v1/jobs", methods=["GET"])
     async def list_jobs(self, request: IRequest) -> bytes:
         """Newest first; ``next_cursor`` continues after the last job of this page."""
+        client = self._client(request)
         state_raw = _query(request, "state")
         state: JobState | None = None
         if state_raw is not None:
@@ -560,7 +607,7 @@ class JobAPI:
         cursor = _query(request, "cursor")
         if cursor is not None and not _CURSOR.match(cursor):
             raise ApiError(400, "invalid_request", "cursor is not a valid cursor", field="cursor")
-        jobs = await self._store.list_jobs(self.client_id, state, limit + 1, cursor)
+        jobs = await self._store.list_jobs(client, state, limit + 1, cursor)
         next_cursor = jobs[limit - 1].id if len(jobs) > limit else None
         return _json(
             request, {"jobs": [job_view(j) for j in jobs[:limit]], "next_cursor": next_cursor}
@@ -569,12 +616,13 @@ class JobAPI:
     @app.route("/v1/jobs/<job_id>", methods=["GET"])
     async def get_job(self, request: IRequest, job_id: str) -> bytes:
         """The job; with ``?wait=N``, once it is terminal or N seconds have passed."""
+        client = self._client(request)
         wait = _wait_arg(request)
         if wait <= 0 or self.draining:
-            return _json(request, job_view(await self._get(job_id)))
+            return _json(request, job_view(await self._get(client, job_id)))
         self.waiters.watch(job_id)
         try:
-            job = await self._wait_terminal(job_id, wait)
+            job = await self._wait_terminal(client, job_id, wait)
         finally:
             self.waiters.unwatch(job_id)
         return _json(request, job_view(job))
@@ -582,9 +630,10 @@ class JobAPI:
     @app.route("/v1/jobs/<job_id>", methods=["DELETE"])
     async def cancel_job(self, request: IRequest, job_id: str) -> bytes:
         """Queued or running → cancelled (a running transfer is aborted at once)."""
+        client = self._client(request)
         # Both in one store batch, in order: the cancel sees exactly what the get saw.
-        before_d = self._store.get(self.client_id, job_id)
-        after_d = self._store.cancel(self.client_id, job_id, self._reactor.seconds())
+        before_d = self._store.get(client, job_id)
+        after_d = self._store.cancel(client, job_id, self._reactor.seconds())
 
         def settle(results: list[Job | None]) -> tuple[Job | None, Job | None]:
             # Runs even if the client has hung up: a cancelled job's transfer must stop.
@@ -610,7 +659,7 @@ class JobAPI:
     @app.route("/v1/jobs/<job_id>/body", methods=["GET"])
     async def get_body(self, request: IRequest, job_id: str) -> bytes | IResource:
         """The stored bytes with the original Content-Type; ETag is the sha256."""
-        job = await self._get(job_id)
+        job = await self._get(self._client(request), job_id)
         info = job.result.body if job.result is not None else None
         if info is None:
             raise ApiError(404, "not_found", f"job {job_id} has no body (yet)")
@@ -665,7 +714,9 @@ class JobAPI:
 
     @app.route("/metrics", methods=["GET"])
     async def metrics(self, request: IRequest) -> bytes:
-        """Prometheus text exposition."""
+        """Prometheus text exposition (token-protected unless configured open)."""
+        if self.metrics_auth:
+            self._client(request)
         text = await self._metrics.render()
         request.setHeader(b"Content-Type", METRICS_CONTENT_TYPE.encode("ascii"))
         request.setHeader(b"Cache-Control", b"no-store")
@@ -729,40 +780,95 @@ class JobAPI:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    async def _get(self, job_id: str) -> Job:
-        job = await self._store.get(self.client_id, job_id)
+    def _authenticate(self, request: IRequest) -> str | AuthFailure:
+        return authenticate(self.tokens, request.requestHeaders.getRawHeaders(b"authorization"))
+
+    def _auth_failure(self, request: IRequest) -> AuthFailure | None:
+        """The gate of ``BoundedRequest``: why a request with a body is refused unread."""
+        outcome = self._authenticate(request)
+        return outcome if isinstance(outcome, AuthFailure) else None
+
+    def _client(self, request: IRequest) -> str:
+        """The authenticated client of ``request`` ("" when no tokens are configured);
+        raises the 401 (or 400) with its ``WWW-Authenticate`` challenge otherwise."""
+        if not self.tokens:
+            return ""
+        outcome = self._authenticate(request)
+        if isinstance(outcome, AuthFailure):
+            raise ApiError(
+                outcome.status,
+                outcome.code,
+                outcome.message,
+                headers={"WWW-Authenticate": outcome.challenge},
+            )
+        return outcome
+
+    def _check_quotas(self, client: str, count: int) -> None:
+        """429 if ``count`` more jobs would pass the client's queued quota or rate."""
+        quotas = self.quotas
+        if quotas.max_queued > 0:
+            waiting = self._store.queued_for(client) + self._adding_by.get(client, 0)
+            if waiting + count > quotas.max_queued:
+                raise ApiError(
+                    429,
+                    "quota_exceeded",
+                    f"{waiting} of your jobs are waiting and at most {quotas.max_queued} "
+                    "may; retry later (nothing was accepted)",
+                    headers={"Retry-After": str(self.retry_after)},
+                )
+        delay = self.rates.delay(client, count)
+        if delay > 0:
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"at most {quotas.rate:g} jobs per second (bursts of "
+                f"{quotas.bucket_size:g}); retry later (nothing was accepted)",
+                headers={"Retry-After": retry_after(delay)},
+            )
+
+    async def _get(self, client: str, job_id: str) -> Job:
+        job = await self._store.get(client, job_id)
         if job is None:
             raise _not_found(job_id)
         return job
 
-    async def _add(self, jobs: list[Job]) -> None:
+    async def _add(self, client: str, jobs: list[Job]) -> None:
         """Commit ``jobs``, then wake the scheduler. A client that hangs up meanwhile
         does not undo (or lose track of) the commit: the add is shielded."""
         count = len(jobs)
         self._adding += count
+        self._adding_by[client] = self._adding_by.get(client, 0) + count
+
+        def done() -> None:
+            self._adding -= count
+            left = self._adding_by.get(client, 0) - count
+            if left > 0:
+                self._adding_by[client] = left
+            else:
+                self._adding_by.pop(client, None)
 
         def committed(_: None) -> None:
-            self._adding -= count
+            done()
             self._metrics.jobs_submitted(count)
             self._scheduler.wake()
 
         def failed(failure: Failure) -> Failure:
-            self._adding -= count
+            done()
             return failure
 
         await _shielded(self._store.add(jobs).addCallbacks(committed, failed))
 
-    async def _wait_terminal(self, job_id: str, seconds: float) -> Job:
+    async def _wait_terminal(self, client: str, job_id: str, seconds: float) -> Job:
         deadline = self._reactor.seconds() + seconds
         seen = self.waiters.version(job_id)
-        job = await self._get(job_id)
+        job = await self._get(client, job_id)
         while not job.state.terminal and not self.draining:
             remaining = deadline - self._reactor.seconds()
             if remaining <= 0:
                 break
             await self.waiters.wait(job_id, min(remaining, self.poll_interval), seen)
             seen = self.waiters.version(job_id)
-            latest = await self._store.get(self.client_id, job_id)
+            latest = await self._store.get(client, job_id)
             if latest is None:  # purged meanwhile: show what we last saw
                 break
             job = latest

@@ -1,8 +1,12 @@
 """Fetch jobs: the spec a client submits, its validation, and the job record the store keeps.
 
-No Twisted and no curl here: this is the vocabulary the API, the store and the scheduler
-share. Validation is strict and precise, because a job is accepted once and then runs
-unattended: every problem names the field (``headers[2]``) it was found in.
+No Twisted here, and of curl only its URL parser: this is the vocabulary the API, the
+store and the scheduler share. Validation is strict and precise, because a job is
+accepted once and then runs unattended: every problem names the field (``headers[2]``)
+it was found in. A URL is parsed twice, by ``urlsplit`` (the politeness key) and by
+libcurl's own parser (what will be fetched), and refused unless both read the same host
+and port, so that nothing the service decides about a URL can differ from what libcurl
+connects to (libcurl-security.md: "use curl_url()").
 """
 
 from __future__ import annotations
@@ -19,10 +23,23 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
+import pycurl
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _BAD_VALUE = re.compile(r"[\r\n\0]")
+_NOT_FIELD_VALUE = re.compile(r"[^\t\x20-\x7e]")
+"""Header values are visible ASCII, SP and HTAB: pycurl sends str as ASCII, and any other
+control character is not a valid field value (RFC 9110 5.5)."""
+FRAMING_HEADERS = frozenset(
+    {"content-length", "transfer-encoding", "connection", "keep-alive", "proxy-connection"}
+    | {"te", "trailer", "upgrade"}
+)
+"""libcurl frames the message and manages the connection; a client that set these could
+desynchronize a reused connection (a ``Content-Length: 0`` with a body is a second,
+smuggled request whose response the next job on that connection would read)."""
+_CURLU_FLAGS = pycurl.U_GUESS_SCHEME | pycurl.U_NON_SUPPORT_SCHEME
+"""The flags libcurl itself parses CURLOPT_URL with (lib/url.c)."""
 
 
 class JobState(enum.StrEnum):
@@ -177,6 +194,46 @@ def _integer(raw: Mapping[str, Any], name: str, low: int, high: int) -> int | No
     return value
 
 
+def _check_url(url: str, limits: Limits) -> None:
+    """Raise ``SpecError("url", ...)`` unless ``urlsplit`` and libcurl agree on it."""
+    if len(url) > limits.max_url_length:
+        raise SpecError("url", f"is longer than {limits.max_url_length} characters")
+    if not url.isascii():
+        raise SpecError(
+            "url", "must be ASCII: percent-encode the path and give the host in punycode"
+        )
+    if any(ord(ch) < 0x21 or ord(ch) == 0x7F for ch in url):
+        raise SpecError("url", "must not contain whitespace or control characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise SpecError("url", f"is not a valid URL: {e}") from None
+    if parts.scheme.lower() not in limits.schemes:
+        raise SpecError("url", f"scheme must be one of {sorted(limits.schemes)}")
+    if "@" in parts.netloc:
+        # Credentials in URLs end up in job views, listings and logs, and "user@host"
+        # is where parsers disagree (http://a@b@c/). An Authorization header does the same.
+        raise SpecError("url", "must not contain user:password@; send an Authorization header")
+    host = parts.hostname
+    if not host:
+        raise SpecError("url", "has no host")
+    if "%" in host:
+        raise SpecError("url", "the host must not be percent-encoded or carry a zone id")
+    if port == 0:
+        raise SpecError("url", "port 0 is not allowed")
+    parsed = pycurl.CurlUrl()
+    try:
+        parsed.setpart(pycurl.UPART_URL, url, _CURLU_FLAGS)
+        curl_host = (parsed.getpart(pycurl.UPART_HOST) or "").strip("[]").lower()
+        curl_port = parsed.getpart(pycurl.UPART_PORT)
+    except pycurl.error as e:
+        raise SpecError("url", f"libcurl cannot parse it: {e.args[-1]}") from None
+    if curl_host != host.lower() or (int(curl_port) if curl_port else None) != port:
+        shown = f"{curl_host}:{curl_port}" if curl_port else curl_host
+        raise SpecError("url", f"libcurl reads its host as {shown}; give the URL in that form")
+
+
 def _parse_spec(raw: object, limits: Limits) -> JobSpec:
     if not isinstance(raw, dict):
         raise SpecError("", "a job spec must be a JSON object")
@@ -187,21 +244,7 @@ def _parse_spec(raw: object, limits: Limits) -> JobSpec:
     url = raw.get("url")
     if not isinstance(url, str) or not url:
         raise SpecError("url", "is required and must be a string")
-    if len(url) > limits.max_url_length:
-        raise SpecError("url", f"is longer than {limits.max_url_length} characters")
-    if any(ord(ch) < 0x21 or ord(ch) == 0x7F for ch in url):
-        raise SpecError("url", "must not contain whitespace or control characters")
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as e:
-        raise SpecError("url", f"is not a valid URL: {e}") from None
-    if parts.scheme.lower() not in limits.schemes:
-        raise SpecError("url", f"scheme must be one of {sorted(limits.schemes)}")
-    if not parts.hostname:
-        raise SpecError("url", "has no host")
-    if port == 0:
-        raise SpecError("url", "port 0 is not allowed")
+    _check_url(url, limits)
 
     method = raw.get("method", "GET")
     if not isinstance(method, str) or not _TOKEN.match(method):
@@ -226,8 +269,12 @@ def _parse_spec(raw: object, limits: Limits) -> JobSpec:
         name, value = pair
         if not _TOKEN.match(name):
             raise SpecError(field, "header name must be an RFC 9110 token")
+        if name.lower() in FRAMING_HEADERS:
+            raise SpecError(field, f"{name} is set by libcurl, not by a job")
         if _BAD_VALUE.search(value):
             raise SpecError(field, "header value must not contain CR, LF or NUL")
+        if _NOT_FIELD_VALUE.search(value):
+            raise SpecError(field, "header value must be visible ASCII, spaces and tabs")
         header_bytes += len(name) + len(value) + 4
         headers.append((name, value))
     if header_bytes > limits.max_header_bytes:

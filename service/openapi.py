@@ -45,6 +45,10 @@ _RETRY_AFTER = {
 
 _NUMBER_OR_NULL = {"type": ["number", "null"]}
 
+_BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
+_OPEN: list[dict[str, list[str]]] = []
+_BAD_AUTH = "A malformed `Authorization` header (`invalid_request`)"
+
 
 def _schemas(max_batch: int) -> dict[str, Any]:
     header_pair = {
@@ -69,10 +73,12 @@ def _schemas(max_batch: int) -> dict[str, Any]:
                         "code": {
                             "type": "string",
                             "description": (
-                                "Stable, machine-readable: invalid_request (400), not_found "
+                                "Stable, machine-readable: invalid_request (400), "
+                                "unauthorized and invalid_token (401), not_found "
                                 "(404), method_not_allowed (405), conflict (409), "
                                 "payload_too_large and too_many_jobs (413), "
-                                "unsupported_media_type (415), queue_full, draining and "
+                                "unsupported_media_type (415), quota_exceeded and "
+                                "rate_limited (429), queue_full, draining and "
                                 "store_unavailable (503), internal_error (500, a bug)."
                             ),
                         },
@@ -320,7 +326,7 @@ def _schemas(max_batch: int) -> dict[str, Any]:
                         "code": {
                             "type": "string",
                             "not": {"const": "curl_error"},
-                            "examples": ["deadline_exceeded"],
+                            "examples": ["deadline_exceeded", "egress_denied"],
                         },
                         "message": {"type": "string"},
                     },
@@ -417,6 +423,8 @@ def build_openapi(
         "schema": {"type": "string"},
     }
     not_found = {"$ref": "#/components/responses/NotFound"}
+    unauthorized = {"$ref": "#/components/responses/Unauthorized"}
+    bad_auth = _error_response(f"{_BAD_AUTH}.")
     internal = {"$ref": "#/components/responses/InternalError"}
     unavailable = {"$ref": "#/components/responses/StoreUnavailable"}
     job_response = {"description": "The job.", "content": _json_content(_ref("Job"))}
@@ -435,9 +443,21 @@ def build_openapi(
                 "with that error body (components `NotFound`, `MethodNotAllowed`). "
                 "Request bodies larger than "
                 f"{max_request_bytes} bytes are refused with 413 as soon as "
-                "`Content-Length` shows it."
+                "`Content-Length` shows it.\n\n"
+                "Authentication: when the service has tokens configured, the `/v1` "
+                "routes (and `/metrics`, unless configured open) need "
+                "`Authorization: Bearer <token>` (RFC 6750). No token, or another "
+                "scheme, is 401 `unauthorized`; an unknown token is 401 "
+                "`invalid_token`; a malformed header (or two of them) is 400 "
+                "`invalid_request`; each with a `WWW-Authenticate: Bearer` challenge. "
+                "Each token is one client, which sees only its own jobs: another "
+                "client's job id is 404. Without tokens (loopback only) no header is "
+                "needed. Per-client quotas on queued jobs and on jobs submitted per "
+                "second answer 429 with Retry-After; a client's transfers in flight "
+                "are capped by the scheduler (the rest wait queued)."
             ),
         },
+        "security": _BEARER,
         "paths": {
             "/v1/jobs": {
                 "post": {
@@ -449,9 +469,11 @@ def build_openapi(
                         "nothing is accepted and the error's `field` names it "
                         "(`jobs[3].headers[2]`). The jobs are committed to the store "
                         "before the 201 is sent. `Location` points at the job (for a "
-                        "batch: at its first job). When more jobs would wait than the "
-                        "service allows, or while it shuts down, 503 with Retry-After "
-                        "and nothing accepted."
+                        "batch: at its first job). Over the client's quota (queued jobs, "
+                        "or jobs per second; a batch counts each job), 429 with "
+                        "Retry-After and nothing accepted. When more jobs would wait "
+                        "than the service allows, or while it shuts down, 503 with "
+                        "Retry-After and nothing accepted."
                     ),
                     "requestBody": {
                         "required": True,
@@ -471,12 +493,19 @@ def build_openapi(
                             },
                             "content": _json_content({"oneOf": [_ref("Job"), _ref("JobBatch")]}),
                         },
-                        "400": _error_response("Malformed JSON or an invalid spec."),
+                        "400": _error_response(f"Malformed JSON or an invalid spec. {_BAD_AUTH}."),
+                        "401": unauthorized,
                         "413": _error_response(
                             f"The body exceeds {max_request_bytes} bytes, or the batch "
                             f"has more than {max_batch} jobs (`too_many_jobs`)."
                         ),
                         "415": _error_response("Content-Type is not application/json."),
+                        "429": _error_response(
+                            "Over the client's quota: too many of its jobs queued "
+                            "(`quota_exceeded`) or submitted too fast (`rate_limited`); "
+                            "nothing accepted.",
+                            **{"Retry-After": _RETRY_AFTER},
+                        ),
                         "500": internal,
                         "503": _error_response(
                             "Too many jobs waiting (`queue_full`), shutting down "
@@ -516,7 +545,8 @@ def build_openapi(
                             "description": "A page of jobs.",
                             "content": _json_content(_ref("JobList")),
                         },
-                        "400": _error_response("A bad state, limit or cursor."),
+                        "400": _error_response(f"A bad state, limit or cursor. {_BAD_AUTH}."),
+                        "401": unauthorized,
                         "500": internal,
                         "503": unavailable,
                     },
@@ -540,7 +570,8 @@ def build_openapi(
                     ],
                     "responses": {
                         "200": job_response,
-                        "400": _error_response("`wait` is not a number >= 0."),
+                        "400": _error_response(f"`wait` is not a number >= 0. {_BAD_AUTH}."),
+                        "401": unauthorized,
                         "404": not_found,
                         "500": internal,
                         "503": unavailable,
@@ -554,6 +585,8 @@ def build_openapi(
                             "description": "The job, now cancelled.",
                             "content": _json_content(_ref("Job")),
                         },
+                        "400": bad_auth,
+                        "401": unauthorized,
                         "404": not_found,
                         "409": _error_response("The job had already finished."),
                         "500": internal,
@@ -582,6 +615,8 @@ def build_openapi(
                             "content": {"*/*": {"schema": {}}},
                         },
                         "304": {"description": "Not modified (If-None-Match matched)."},
+                        "400": bad_auth,
+                        "401": unauthorized,
                         "404": not_found,
                         "500": internal,
                         "503": unavailable,
@@ -592,6 +627,7 @@ def build_openapi(
                 "get": {
                     "operationId": "healthz",
                     "summary": "Liveness: the process answers.",
+                    "security": _OPEN,
                     "responses": {
                         "200": {
                             "description": "Alive.",
@@ -605,6 +641,7 @@ def build_openapi(
                 "get": {
                     "operationId": "readyz",
                     "summary": "Readiness: not draining, and the store answers.",
+                    "security": _OPEN,
                     "responses": {
                         "200": {
                             "description": "Ready.",
@@ -622,12 +659,20 @@ def build_openapi(
                 "get": {
                     "operationId": "metrics",
                     "summary": "Prometheus metrics.",
-                    "description": "Families: " + ", ".join(f"`{n}`" for n in METRIC_NAMES),
+                    "description": (
+                        "Families: "
+                        + ", ".join(f"`{n}`" for n in METRIC_NAMES)
+                        + ". Needs a token when the service has tokens, unless it is "
+                        "configured open (`--metrics-auth=open`)."
+                    ),
+                    "security": [*_BEARER, {}],
                     "responses": {
                         "200": {
                             "description": "Prometheus text exposition format.",
                             "content": {"text/plain": {"schema": {"type": "string"}}},
                         },
+                        "400": bad_auth,
+                        "401": unauthorized,
                         "500": internal,
                     },
                 }
@@ -636,6 +681,7 @@ def build_openapi(
                 "get": {
                     "operationId": "openapi",
                     "summary": "This document.",
+                    "security": _OPEN,
                     "responses": {
                         "200": {
                             "description": "The OpenAPI 3.1 document.",
@@ -648,8 +694,30 @@ def build_openapi(
         },
         "components": {
             "schemas": _schemas(max_batch),
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": (
+                        "A token from the service's tokens file or CURLFETCH_TOKENS; "
+                        "it names the client."
+                    ),
+                }
+            },
             "responses": {
-                "NotFound": _error_response("No such job, or no such path."),
+                "Unauthorized": _error_response(
+                    "No bearer token (`unauthorized`) or an unknown one (`invalid_token`).",
+                    **{
+                        "WWW-Authenticate": {
+                            "description": (
+                                'The challenge: `Bearer realm="curlfetch"`, with '
+                                '`error="invalid_token"` for an unknown token.'
+                            ),
+                            "schema": {"type": "string"},
+                        }
+                    },
+                ),
+                "NotFound": _error_response("No such job (or another client's), or no such path."),
                 "MethodNotAllowed": _error_response(
                     "The path exists, but not with this method.",
                     Allow={

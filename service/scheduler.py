@@ -1,10 +1,10 @@
 """The scheduler: claims queued jobs from the store and runs them on the engine, politely.
 
-Politeness and limits: a global cap on transfers, a per-host cap, and a minimum interval
-between request starts to one host. Priorities and FIFO order come from the store's
-claim. Failed attempts are retried with exponential backoff and jitter (honouring
-``Retry-After`` up to a cap), within the job's deadline. Every state change goes back
-to the store, which batches the writes.
+Politeness and limits: a global cap on transfers, a per-host cap, a per-client cap (the
+client's in-flight quota), and a minimum interval between request starts to one host.
+Priorities and FIFO order come from the store's claim. Failed attempts are retried with
+exponential backoff and jitter (honouring ``Retry-After`` up to a cap), within the job's
+deadline. Every state change goes back to the store, which batches the writes.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .bodies import BodyConsumer, BodyStore, BodyWriter
+from .egress import EgressPolicy
 from .engine import (
     BodyTooLargeError,
     ClientClosedError,
@@ -32,6 +33,7 @@ from .engine import (
     CurlClient,
     CurlError,
     CurlTimeoutError,
+    EgressDeniedError,
     Response,
 )
 from .jobs import BodyInfo, Job, JobError, JobResult, JobState
@@ -58,11 +60,19 @@ class SchedulerReactor(Protocol):
 class SchedulerConfig:
     max_concurrency: int = 256
     max_per_host: int = 8
+    max_per_client: int = 0
+    """Jobs of one client claimed and not yet settled (running, or waiting for their
+    host); 0: no limit."""
     per_host_interval: float = 0.0
     claim_batch: int = 500
     poll_interval: float = 0.5
     max_retry_after: float = 300.0
     max_backoff: float = 300.0
+    egress: EgressPolicy | None = None
+    """Checked on every connection and redirect of every job (a refusal fails the job
+    with ``egress_denied``, never retried); None: no checks, as for a library user."""
+    max_response_header_bytes: int | None = None
+    """Response headers of one attempt, redirects included; None: libcurl's own cap."""
 
 
 class SchedulerObserver(Protocol):
@@ -124,6 +134,7 @@ class Scheduler(Service):
         self._observer = observer
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
         self._hosts: dict[str, _Host] = {}
+        self._clients: dict[str, int] = {}  # claimed, unsettled jobs per client
         self._running: dict[str, _Running] = {}
         self._waiting = 0
         self._claiming = False
@@ -152,6 +163,20 @@ class Scheduler(Service):
     @property
     def draining(self) -> bool:
         return self._draining
+
+    def in_flight_for(self, client: str) -> int:
+        """The client's claimed jobs not yet settled (what its in-flight quota counts)."""
+        return self._clients.get(client, 0)
+
+    def _hold(self, job: Job) -> None:
+        self._clients[job.client] = self._clients.get(job.client, 0) + 1
+
+    def _release(self, job: Job) -> None:
+        left = self._clients.get(job.client, 0) - 1
+        if left > 0:
+            self._clients[job.client] = left
+        else:
+            self._clients.pop(job.client, None)
 
     def wake(self) -> None:
         """Look for runnable jobs soon (new submissions call this)."""
@@ -197,6 +222,7 @@ class Scheduler(Service):
                 if job.id == job_id:
                     host.waiting.remove(job)
                     self._waiting -= 1
+                    self._release(job)
                     self._forget_if_idle(name, host)
                     self.wake()  # its slot is free
                     return True
@@ -214,6 +240,8 @@ class Scheduler(Service):
                 host.timer.cancel()
             host.timer = None
             requeue = [self._requeued(job, None) for job in host.waiting]
+            for job in host.waiting:
+                self._release(job)
             host.waiting.clear()
             if requeue:
                 self._store.save(requeue)
@@ -264,9 +292,22 @@ class Scheduler(Service):
             for name, host in self._hosts.items()
             if host.active or host.waiting
         }
+        per_client: int | None = None
+        client_room: dict[str, int] | None = None
+        if self.config.max_per_client > 0:
+            per_client = self.config.max_per_client
+            client_room = {c: max(0, per_client - n) for c, n in self._clients.items()}
         self._claiming = True
         self._rewake = False
-        d = self._store.claim(limit, now, (), per_host=cap, host_room=room)
+        d = self._store.claim(
+            limit,
+            now,
+            (),
+            per_host=cap,
+            host_room=room,
+            per_client=per_client,
+            client_room=client_room,
+        )
         d.addCallbacks(self._claimed, self._claim_failed, callbackArgs=(limit,))
         d.addErrback(lambda f: log.failure("admitting claimed jobs failed", f))
 
@@ -313,6 +354,7 @@ class Scheduler(Service):
             index = next(i for i, w in enumerate(waiting) if w.spec.priority < priority)
             waiting.insert(index, job)
         self._waiting += 1
+        self._hold(job)
         self._run_host(name, host)
 
     def _run_host(self, name: str, host: _Host) -> None:
@@ -340,6 +382,7 @@ class Scheduler(Service):
                 previous, host.next_start = host.next_start, now + interval
                 if not self._start(job, host, now):
                     # Settled without a request: no slot taken, no interval spent.
+                    self._release(job)
                     host.active -= 1
                     host.next_start = previous
                     settled = True
@@ -388,6 +431,7 @@ class Scheduler(Service):
             error = JobError("internal_error", f"cannot store the body: {e}")
             self._finish_attempt(job, started=now, now=now, response=None, error=error)
             return False
+        egress = self.config.egress
         try:
             d = self._client.fetch(
                 spec.url,
@@ -401,6 +445,9 @@ class Scheduler(Service):
                 max_body_bytes=spec.max_body_bytes,
                 http_version=spec.http_version,
                 sink=BodyConsumer(writer),
+                max_header_bytes=self.config.max_response_header_bytes,
+                connect_check=None if egress is None else egress.connect_check,
+                host_check=egress.host_check if egress and egress.checks_hosts else None,
             )
         except Exception as e:
             writer.abort()
@@ -419,6 +466,7 @@ class Scheduler(Service):
     def _fetched(self, result: Response | Failure, running: _Running) -> None:
         job = running.job
         del self._running[job.id]
+        self._release(job)
         now = self._reactor.seconds()
         try:
             self._settle(result, running, now)
@@ -485,6 +533,8 @@ class Scheduler(Service):
             and now >= deadline_at - _DEADLINE_SLACK
         ):
             return None, _deadline_error(running.job)
+        if isinstance(exc, EgressDeniedError):
+            return None, JobError("egress_denied", exc.message)
         if isinstance(exc, BodyTooLargeError):
             return None, JobError(exc.name, exc.message, exc.code)
         if isinstance(exc, CurlError):

@@ -45,6 +45,8 @@ class JobStore(Protocol):
         *,
         per_host: int | None = None,
         host_room: Mapping[str, int] | None = None,
+        per_client: int | None = None,
+        client_room: Mapping[str, int] | None = None,
     ) -> Deferred[list[Job]]:
         """Mark up to ``limit`` runnable jobs ``running`` and return them: ``queued``,
         ``not_before <= now``, host not in ``skip_hosts``; highest priority first, FIFO
@@ -52,7 +54,9 @@ class JobStore(Protocol):
 
         With ``per_host``, at most that many jobs of one host are claimed (at most
         ``host_room[host]`` for hosts listed there), so one host's backlog cannot hold
-        the slots other hosts could use."""
+        the slots other hosts could use. ``per_client`` and ``client_room`` do the same
+        per client (its in-flight quota): a claim never gives a client more than its room,
+        and a client (or host) without room does not hold back the others' jobs."""
 
     def save(self, jobs: Sequence[Job]) -> Deferred[None]:
         """Persist new states of claimed jobs (finished, or requeued for a retry).
@@ -70,6 +74,9 @@ class JobStore(Protocol):
 
     def queued(self) -> int:
         """Jobs waiting to run, as of the last write (cheap: for backpressure)."""
+
+    def queued_for(self, client: str) -> int:
+        """The client's jobs waiting to run, as of the last write (cheap: its quota)."""
 
     def purge(self, finished_before: float) -> Deferred[list[str]]:
         """Delete terminal jobs finished before the time; fires with their ids."""

@@ -29,6 +29,7 @@ import json
 import os
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol, TypeVar, cast
 
@@ -126,6 +127,28 @@ _CLAIM_PER_HOST = (
     "ORDER BY priority DESC, seq LIMIT ?) "
     f"RETURNING {_COLUMNS}"
 )
+# With a per-client cap as well: clients and hosts without room are left out first (so
+# their backlog cannot rank ahead of others' jobs), then each client's runnable jobs are
+# ranked and cut to its room, then what is left is ranked per host and cut to the host's
+# room. The result never exceeds a room; it may take fewer than a greedy walk would (a
+# client whose first jobs are cut by their host's room), which the next claim makes up.
+_CLAIM_PER_HOST_CLIENT = (
+    "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ? "  # noqa: S608 - constant columns
+    "WHERE seq IN (SELECT seq FROM ("
+    "SELECT seq, priority, host, ROW_NUMBER() OVER "
+    "(PARTITION BY host ORDER BY priority DESC, seq) AS hrank FROM ("
+    "SELECT seq, priority, host, client, ROW_NUMBER() OVER "
+    "(PARTITION BY client ORDER BY priority DESC, seq) AS crank "
+    "FROM jobs WHERE state = 'queued' AND not_before <= ? "
+    "AND host NOT IN (SELECT key FROM json_each(?) WHERE value <= 0) "
+    "AND client NOT IN (SELECT key FROM json_each(?) WHERE value <= 0)) AS by_client "
+    "LEFT JOIN (SELECT key AS client, value AS croom FROM json_each(?)) AS crooms "
+    "USING (client) WHERE crank <= COALESCE(crooms.croom, ?)) AS by_host "
+    "LEFT JOIN (SELECT key AS host, value AS hroom FROM json_each(?)) AS hrooms "
+    "USING (host) WHERE hrank <= COALESCE(hrooms.hroom, ?) "
+    "ORDER BY priority DESC, seq LIMIT ?) "
+    f"RETURNING {_COLUMNS}"
+)
 
 _PURGE = (
     "DELETE FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled') "
@@ -173,8 +196,11 @@ class StoreReactor(Protocol):
     def removeSystemEventTrigger(self, triggerID: Any) -> None: ...
 
 
-# Runs in the database thread: returns its value and the change to the queued count.
-_Work = Callable[[sqlite3.Connection], tuple[Any, int]]
+# Runs in the database thread: returns its value and the change to the queued count of
+# each client it touched.
+_Delta = Mapping[str, int]
+_Work = Callable[[sqlite3.Connection], tuple[Any, _Delta]]
+_NONE: _Delta = {}
 
 
 @attrs.define
@@ -188,7 +214,7 @@ class _Op:
 class _Outcome:
     ok: bool
     value: Any
-    queued_delta: int
+    queued_delta: _Delta
 
 
 class SQLiteJobStore:
@@ -210,6 +236,7 @@ class SQLiteJobStore:
         self._pool: _Pool | None = None
         self._closing = False
         self._queued = 0
+        self._queued_by: dict[str, int] = {}
         self._pending: list[_Op] = []
         self._flush_call: IDelayedCall | None = None
         self._in_flight = False
@@ -241,9 +268,10 @@ class SQLiteJobStore:
         self._pool = pool
         self._closing = False
 
-        def opened(result: tuple[int, int]) -> int:
+        def opened(result: tuple[int, dict[str, int]]) -> int:
             recovered, queued = result
-            self._queued = queued
+            self._queued = sum(queued.values())
+            self._queued_by = queued
             return recovered
 
         def failed(failure: Failure) -> Failure:
@@ -338,7 +366,7 @@ class SQLiteJobStore:
         else:
             self.transactions += 1
             for outcome in result:
-                self._queued += outcome.queued_delta
+                self._count_queued(outcome.queued_delta)
             for op, outcome in zip(ops, result, strict=True):
                 if op.deferred.called:  # cancelled by its caller; the write still happened
                     continue
@@ -352,12 +380,22 @@ class SQLiteJobStore:
             for w in waiters:
                 w.callback(None)
 
+    def _count_queued(self, delta: _Delta) -> None:
+        by = self._queued_by
+        for client, change in delta.items():
+            self._queued += change
+            left = by.get(client, 0) + change
+            if left:
+                by[client] = left
+            else:
+                by.pop(client, None)
+
     # -- the JobStore interface ------------------------------------------------------------
 
     def ping(self) -> Deferred[None]:
-        def ping(conn: sqlite3.Connection) -> tuple[None, int]:
+        def ping(conn: sqlite3.Connection) -> tuple[None, _Delta]:
             conn.execute("SELECT 1").fetchone()
-            return None, 0
+            return None, _NONE
 
         return self._submit(ping, write=False)
 
@@ -369,16 +407,16 @@ class SQLiteJobStore:
             return succeed(None)
         batch = list(jobs)
 
-        def add(conn: sqlite3.Connection) -> tuple[None, int]:
+        def add(conn: sqlite3.Connection) -> tuple[None, _Delta]:
             conn.executemany(_INSERT, [_row(job) for job in batch])
-            return None, len(batch)
+            return None, Counter(job.client for job in batch)
 
         return self._submit(add, write=True)
 
     def get(self, client: str, job_id: str) -> Deferred[Job | None]:
-        def get(conn: sqlite3.Connection) -> tuple[Job | None, int]:
+        def get(conn: sqlite3.Connection) -> tuple[Job | None, _Delta]:
             row = conn.execute(_GET, (job_id, client)).fetchone()
-            return (None if row is None else _job(row)), 0
+            return (None if row is None else _job(row)), _NONE
 
         return self._submit(get, write=False)
 
@@ -396,8 +434,8 @@ class SQLiteJobStore:
         sql = f"{_SELECT} WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?"
         params.append(max(0, limit))
 
-        def list_jobs(conn: sqlite3.Connection) -> tuple[list[Job], int]:
-            return [_job(row) for row in conn.execute(sql, params)], 0
+        def list_jobs(conn: sqlite3.Connection) -> tuple[list[Job], _Delta]:
+            return [_job(row) for row in conn.execute(sql, params)], _NONE
 
         return self._submit(list_jobs, write=False)
 
@@ -409,16 +447,34 @@ class SQLiteJobStore:
         *,
         per_host: int | None = None,
         host_room: Mapping[str, int] | None = None,
+        per_client: int | None = None,
+        client_room: Mapping[str, int] | None = None,
     ) -> Deferred[list[Job]]:
         """One ``UPDATE ... WHERE seq IN (SELECT ... LIMIT ?) RETURNING``; the subquery
         walks ``jobs_claim`` in claim order and filters ``not_before`` and hosts."""
         if limit <= 0:
             return succeed([])
-        if per_host is not None:
+        if per_client is not None:
+            hosts = dict(host_room or {})
+            hosts.update(dict.fromkeys(skip_hosts, 0))
+            host_json, client_json = json.dumps(hosts), json.dumps(dict(client_room or {}))
+            sql = _CLAIM_PER_HOST_CLIENT
+            params: tuple[object, ...] = (
+                now,
+                now,
+                host_json,
+                client_json,
+                client_json,
+                per_client,
+                host_json,
+                limit if per_host is None else per_host,
+                limit,
+            )
+        elif per_host is not None:
             rooms = dict(host_room or {})
             rooms.update(dict.fromkeys(skip_hosts, 0))
             sql = _CLAIM_PER_HOST
-            params: tuple[object, ...] = (now, now, json.dumps(rooms), per_host, limit)
+            params = (now, now, json.dumps(rooms), per_host, limit)
         elif skip_hosts:
             sql = _CLAIM_SKIPPING
             params = (now, now, json.dumps(list(skip_hosts)), limit)
@@ -426,11 +482,12 @@ class SQLiteJobStore:
             sql = _CLAIM_ALL
             params = (now, now, limit)
 
-        def claim(conn: sqlite3.Connection) -> tuple[list[Job], int]:
+        def claim(conn: sqlite3.Connection) -> tuple[list[Job], _Delta]:
             claimed = [(row[0], _job(row)) for row in conn.execute(sql, params)]
             # RETURNING comes in no defined order; restore the claim order.
             claimed.sort(key=lambda sj: (-sj[1].spec.priority, sj[0]))
-            return [job for _, job in claimed], -len(claimed)
+            jobs = [job for _, job in claimed]
+            return jobs, _negated(Counter(job.client for job in jobs))
 
         return self._submit(claim, write=True)
 
@@ -442,12 +499,16 @@ class SQLiteJobStore:
             return succeed(None)
         batch = list(jobs)
 
-        def save(conn: sqlite3.Connection) -> tuple[int, int]:
-            requeued = [_save_row(j) for j in batch if j.state is JobState.QUEUED]
+        def save(conn: sqlite3.Connection) -> tuple[int, _Delta]:
+            requeued: dict[str, list[tuple[object, ...]]] = {}
+            for j in batch:
+                if j.state is JobState.QUEUED:
+                    requeued.setdefault(j.client, []).append(_save_row(j))
             others = [_save_row(j) for j in batch if j.state is not JobState.QUEUED]
-            back = conn.executemany(_SAVE, requeued).rowcount if requeued else 0
+            # One executemany per client: its rowcount is that client's requeued jobs.
+            back = {c: conn.executemany(_SAVE, rows).rowcount for c, rows in requeued.items()}
             rest = conn.executemany(_SAVE, others).rowcount if others else 0
-            return len(requeued) + len(others) - back - rest, back
+            return len(batch) - sum(back.values()) - rest, back
 
         def skipped(count: int) -> None:
             self.skipped_saves += count
@@ -455,33 +516,36 @@ class SQLiteJobStore:
         return self._submit(save, write=True).addCallback(skipped)
 
     def cancel(self, client: str, job_id: str, now: float) -> Deferred[Job | None]:
-        def cancel(conn: sqlite3.Connection) -> tuple[Job | None, int]:
+        def cancel(conn: sqlite3.Connection) -> tuple[Job | None, _Delta]:
             row = conn.execute(_GET, (job_id, client)).fetchone()
             if row is None:
-                return None, 0
+                return None, _NONE
             job = _job(row)
             if job.state.terminal:
-                return job, 0
+                return job, _NONE
             row = conn.execute(_CANCEL, (now, row[0])).fetchone()
-            return _job(row), (-1 if job.state is JobState.QUEUED else 0)
+            return _job(row), ({client: -1} if job.state is JobState.QUEUED else _NONE)
 
         return self._submit(cancel, write=True)
 
     def counts(self) -> Deferred[dict[JobState, int]]:
-        def counts(conn: sqlite3.Connection) -> tuple[dict[JobState, int], int]:
+        def counts(conn: sqlite3.Connection) -> tuple[dict[JobState, int], _Delta]:
             out = dict.fromkeys(JobState, 0)
             for state, n in conn.execute("SELECT state, count(*) FROM jobs GROUP BY state"):
                 out[JobState(state)] = n
-            return out, 0
+            return out, _NONE
 
         return self._submit(counts, write=False)
 
     def queued(self) -> int:
         return self._queued
 
+    def queued_for(self, client: str) -> int:
+        return self._queued_by.get(client, 0)
+
     def purge(self, finished_before: float) -> Deferred[list[str]]:
-        def purge(conn: sqlite3.Connection) -> tuple[list[str], int]:
-            return [row[0] for row in conn.execute(_PURGE, (finished_before,))], 0
+        def purge(conn: sqlite3.Connection) -> tuple[list[str], _Delta]:
+            return [row[0] for row in conn.execute(_PURGE, (finished_before,))], _NONE
 
         return self._submit(purge, write=True)
 
@@ -489,7 +553,7 @@ class SQLiteJobStore:
 # -- in the database thread --------------------------------------------------------------
 
 
-def _open_database(conn: sqlite3.Connection) -> tuple[int, int]:
+def _open_database(conn: sqlite3.Connection) -> tuple[int, dict[str, int]]:
     """Migrate, then requeue what a previous process left running; one transaction."""
     conn.execute("BEGIN IMMEDIATE")
     conn.execute(
@@ -509,8 +573,14 @@ def _open_database(conn: sqlite3.Connection) -> tuple[int, int]:
     recovered = conn.execute(
         "UPDATE jobs SET state = 'queued', owner = NULL, lease_until = NULL WHERE state = 'running'"
     ).rowcount
-    queued = conn.execute("SELECT count(*) FROM jobs WHERE state = 'queued'").fetchone()[0]
-    return recovered, queued
+    queued = conn.execute(
+        "SELECT client, count(*) FROM jobs WHERE state = 'queued' GROUP BY client"
+    ).fetchall()
+    return recovered, dict(queued)
+
+
+def _negated(counts: Mapping[str, int]) -> dict[str, int]:
+    return {key: -n for key, n in counts.items()}
 
 
 def _run_batch(conn: sqlite3.Connection, work: list[tuple[_Work, bool]]) -> list[_Outcome]:
@@ -524,7 +594,7 @@ def _run_batch(conn: sqlite3.Connection, work: list[tuple[_Work, bool]]) -> list
         except Exception as e:
             conn.execute("ROLLBACK TO op")
             conn.execute("RELEASE op")
-            outcomes.append(_Outcome(ok=False, value=e, queued_delta=0))
+            outcomes.append(_Outcome(ok=False, value=e, queued_delta=_NONE))
         else:
             conn.execute("RELEASE op")
             outcomes.append(_Outcome(ok=True, value=value, queued_delta=delta))

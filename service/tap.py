@@ -23,6 +23,7 @@ Order of start-up and shutdown (``CurlfetchService``):
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import re
 import sys
@@ -48,10 +49,14 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from .api import JobAPI
+from .auth import TokenError, TokenSet, load_tokens
 from .bodies import DirectoryBodyStore
+from .egress import EgressPolicy, parse_cidr, parse_host_pattern, parse_ports
 from .engine import CurlClient
 from .jobs import Limits
 from .metrics import Metrics
+from .quotas import ClientQuotas
+from .redact import redact_event, redact_text
 from .scheduler import Scheduler, SchedulerConfig
 from .store_sqlite import SQLiteJobStore
 
@@ -62,6 +67,9 @@ DB_NAME = "jobs.sqlite3"
 BODIES_DIR = "bodies"
 JSON_LOGGER = "service.tap.json_log_observer"
 """What ``--log-format=json`` hands to twistd's ``--logger`` option."""
+TOKENS_ENV = ENV_PREFIX + "TOKENS"
+"""Tokens straight from the environment (``client:token,...``); deliberately not an
+option, since a command line is visible to every local user."""
 
 
 # -- parsing -----------------------------------------------------------------------------
@@ -86,6 +94,68 @@ def _count(text: str) -> int:
     if value < 1:
         raise ValueError(f"must be at least 1, not {value}")
     return value
+
+
+def _quota(text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ValueError(f"must be a whole number (0: no limit), not {text!r}") from None
+    if value < 0:
+        raise ValueError(f"must be 0 (no limit) or more, not {value}")
+    return value
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"must be a number of jobs per second (0: no limit), not {text!r}"
+        ) from None
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"must be 0 (no limit) or more, not {text!r}")
+    return value
+
+
+def _tokens_file(text: str) -> str:
+    if not text.strip():
+        return ""
+    path = os.path.abspath(os.path.expanduser(text))
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is not a file")
+    return path
+
+
+def _metrics_auth(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("token", "open"):
+        raise ValueError(f"must be token or open, not {text!r}")
+    return value
+
+
+def listens_on_loopback_only(description: str) -> bool:
+    """True if the strports ``description`` accepts connections from this host only: a
+    unix socket, or tcp/tcp6/ssl bound to a loopback address. Anything else (no
+    interface, which means all of them, a host name, an endpoint type whose address we
+    cannot see) counts as reachable from the network."""
+    no_reactor: Any = object()
+    endpoint = endpoints.serverFromString(no_reactor, description)
+    if isinstance(endpoint, endpoints.UNIXServerEndpoint):
+        return True
+    if not isinstance(
+        endpoint,
+        endpoints.TCP4ServerEndpoint | endpoints.TCP6ServerEndpoint | endpoints.SSL4ServerEndpoint,
+    ):
+        return False
+    interface = getattr(endpoint, "_interface", "")
+    try:
+        address = ipaddress.ip_address(interface)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 def _interval(text: str) -> float:
@@ -145,6 +215,28 @@ class Config:
     retention: float = 7 * 86400.0
     drain_timeout: float = 20.0
     log_format: str = "text"
+    tokens_file: str = ""
+    tokens: TokenSet = attrs.field(factory=TokenSet)
+    """From ``--tokens-file`` and ``CURLFETCH_TOKENS``; empty: no authentication."""
+    metrics_auth: str = "token"
+    insecure_no_auth: bool = False
+    client_max_queued: int = 0
+    client_max_in_flight: int = 0
+    client_rate: float = 0.0
+    client_burst: int = 0
+    egress: EgressPolicy = attrs.field(factory=EgressPolicy)
+    """From the repeatable --allow-cidr, --deny-cidr, --allow-port, --allow-host and
+    --deny-host; the default denies every non-global address and ports but 80 and 443."""
+    max_response_header_bytes: int = 256 * 1024
+
+    @property
+    def quotas(self) -> ClientQuotas:
+        return ClientQuotas(
+            max_queued=self.client_max_queued,
+            max_in_flight=self.client_max_in_flight,
+            rate=self.client_rate,
+            burst=self.client_burst,
+        )
 
     @property
     def db_path(self) -> str:
@@ -167,7 +259,25 @@ _CONVERTERS: dict[str, Callable[[str], object]] = {
     "retention": _positive_duration,
     "drain-timeout": _interval,
     "log-format": _log_format,
+    "tokens-file": _tokens_file,
+    "metrics-auth": _metrics_auth,
+    "client-max-queued": _quota,
+    "client-max-in-flight": _quota,
+    "client-rate": _rate,
+    "client-burst": _quota,
+    "max-response-header-bytes": _count,
 }
+
+_EGRESS_LISTS: dict[str, tuple[str, Callable[[str], object]]] = {
+    "allow-cidr": ("allow_cidrs", parse_cidr),
+    "deny-cidr": ("deny_cidrs", parse_cidr),
+    "allow-port": ("allow_ports", parse_ports),
+    "allow-host": ("allow_hosts", parse_host_pattern),
+    "deny-host": ("deny_hosts", parse_host_pattern),
+}
+"""Repeatable options (each value may also be a comma-separated list), building the
+egress policy. From the environment as CURLFETCH_ALLOW_CIDR=a,b; any use of an option on
+the command line replaces its environment value."""
 
 
 class Options(usage.Options):
@@ -216,6 +326,58 @@ class Options(usage.Options):
             "On SIGTERM, how long running transfers may finish before they are requeued.",
         ],
         ["log-format", None, "text", "text, or json: one JSON object per line on stdout."],
+        [
+            "tokens-file",
+            None,
+            "",
+            "Bearer tokens, one 'client_id:token' or 'client_id:sha256:<hex>' a line; each "
+            f"token is a client. More can come from {TOKENS_ENV} (comma-separated). "
+            "Without any, the API listens on loopback only.",
+        ],
+        [
+            "metrics-auth",
+            None,
+            "token",
+            "token: /metrics needs a token when tokens are configured; open: it never does.",
+        ],
+        [
+            "client-max-queued",
+            None,
+            "0",
+            "Queued jobs per client at which its submissions get 429 (0: no limit).",
+        ],
+        [
+            "client-max-in-flight",
+            None,
+            "0",
+            "Transfers per client at once; the rest wait queued (0: no limit).",
+        ],
+        [
+            "client-rate",
+            None,
+            "0",
+            "Jobs per second a client may submit; over it, 429 (0: no limit).",
+        ],
+        [
+            "client-burst",
+            None,
+            "0",
+            "Jobs a client may submit at once above --client-rate (0: one second's worth).",
+        ],
+        [
+            "max-response-header-bytes",
+            None,
+            str(DEFAULTS.max_response_header_bytes),
+            "Response header bytes of one fetch attempt, redirects included.",
+        ],
+    ]
+    optFlags: ClassVar[list[list[Any]]] = [
+        [
+            "insecure-no-auth",
+            None,
+            "Listen on a non-loopback --listen address without tokens: anyone who can "
+            "reach it can submit fetches (also CURLFETCH_INSECURE_NO_AUTH=1).",
+        ],
     ]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
@@ -227,7 +389,52 @@ class Options(usage.Options):
             if value is not None:
                 self[name] = value
                 self.from_env[name] = value
+        self.egress_args: dict[str, list[str]] = {}
         self.config = Config()
+
+    def _egress_arg(self, name: str, value: str) -> None:
+        self.egress_args.setdefault(name, []).append(value)
+
+    def opt_allow_cidr(self, value: str) -> None:
+        """Allow connections to this network (repeatable; 127.0.0.1/32, ::1/128), even
+        one denied by default. Checked after --deny-cidr."""
+        self._egress_arg("allow-cidr", value)
+
+    def opt_deny_cidr(self, value: str) -> None:
+        """Deny connections to this network (repeatable); checked first."""
+        self._egress_arg("deny-cidr", value)
+
+    def opt_allow_port(self, value: str) -> None:
+        """Ports fetches may connect to (repeatable; 8080 or 1024-65535). Default 80, 443."""
+        self._egress_arg("allow-port", value)
+
+    def opt_allow_host(self, value: str) -> None:
+        """Only fetch from hosts matching these patterns (repeatable; *.example.com); the
+        address rules still apply."""
+        self._egress_arg("allow-host", value)
+
+    def opt_deny_host(self, value: str) -> None:
+        """Never fetch from hosts matching this pattern (repeatable; *.internal)."""
+        self._egress_arg("deny-host", value)
+
+    def _egress_policy(self) -> EgressPolicy:
+        fields: dict[str, list[object]] = {}
+        for name, (field, parse) in _EGRESS_LISTS.items():
+            given = self.egress_args.get(name)
+            source = ""
+            if given is None:
+                raw = self.environ.get(env_name(name))
+                if raw is None:
+                    continue
+                given, source = [raw], f" (from {env_name(name)})"
+            items = [item for value in given for item in value.split(",") if item.strip()]
+            try:
+                fields[field] = [parse(item) for item in items]
+            except ValueError as e:
+                raise usage.UsageError(f"--{name}{source}: {e}") from None
+            if name == "allow-port" and not items:
+                raise usage.UsageError(f"--{name}{source}: give at least one port")
+        return EgressPolicy(**fields)  # type: ignore[arg-type]
 
     def postOptions(self) -> None:
         values: dict[str, Any] = {}
@@ -238,9 +445,40 @@ class Options(usage.Options):
             except ValueError as e:
                 source = f" (from {env_name(name)})" if self.from_env.get(name) == raw else ""
                 raise usage.UsageError(f"--{name}{source}: {e}") from None
+        values["insecure_no_auth"] = self._flag("insecure-no-auth")
+        values["egress"] = self._egress_policy()
+        try:
+            values["tokens"] = load_tokens(values["tokens_file"], self.environ, TOKENS_ENV)
+        except TokenError as e:
+            message = str(e)
+            raise usage.UsageError(
+                message if message.startswith(TOKENS_ENV) else f"--tokens-file: {message}"
+            ) from None
         self.config = Config(**values)
+        self._check_exposure()
         if self.config.log_format == "json":
             self._log_json()
+
+    def _flag(self, name: str) -> bool:
+        if self[name]:
+            return True
+        raw = self.environ.get(env_name(name))
+        if raw is None or raw.strip().lower() in ("", "0", "false", "no"):
+            return False
+        if raw.strip().lower() in ("1", "true", "yes"):
+            return True
+        raise usage.UsageError(f"--{name} (from {env_name(name)}): must be 1 or 0, not {raw!r}")
+
+    def _check_exposure(self) -> None:
+        """No tokens: loopback only, unless the operator insists."""
+        config = self.config
+        if config.tokens or config.insecure_no_auth or listens_on_loopback_only(config.listen):
+            return
+        raise usage.UsageError(
+            f"--listen: {config.listen} is reachable from other hosts and no tokens are "
+            f"configured: give --tokens-file (or {TOKENS_ENV}), listen on a loopback "
+            "address (tcp:8080:interface=127.0.0.1), or pass --insecure-no-auth"
+        )
 
     def _log_json(self) -> None:
         """Have twistd log through ``json_log_observer``: its ``--logger`` option, which
@@ -265,7 +503,9 @@ class Options(usage.Options):
 def json_line(event: LogEvent) -> str:
     """One event as one line: Twisted's ``eventAsJSON`` (``eventFromJSON`` reads it back)
     plus what a log collector indexes: the rendered ``message``, the ``level`` name and,
-    for a failure, its ``traceback``."""
+    for a failure, its ``traceback``. Secrets are redacted (``service.redact``): in the
+    event's fields first, then anywhere in the finished line."""
+    event = redact_event(event)
     extra: dict[str, object] = {"message": formatEvent(event)}
     level = event.get("log_level")
     if level is not None:
@@ -273,7 +513,7 @@ def json_line(event: LogEvent) -> str:
     failure = event.get("log_failure")
     if isinstance(failure, Failure):
         extra["traceback"] = failure.getTraceback()
-    return eventAsJSON({**event, **extra}) + "\n"
+    return redact_text(eventAsJSON({**event, **extra})) + "\n"
 
 
 def json_log_observer() -> ILogObserver:
@@ -474,6 +714,9 @@ def build_service(reactor: Any, config: Config) -> CurlfetchService:
             max_concurrency=config.max_concurrency,
             max_per_host=config.max_per_host,
             per_host_interval=config.per_host_interval,
+            max_per_client=config.client_max_in_flight,
+            egress=config.egress,
+            max_response_header_bytes=config.max_response_header_bytes,
         ),
         observer=metrics,
     )
@@ -486,6 +729,9 @@ def build_service(reactor: Any, config: Config) -> CurlfetchService:
         limits=Limits(),
         metrics=metrics,
         max_queued=config.max_queued,
+        tokens=config.tokens,
+        metrics_auth=config.metrics_auth == "token",
+        quotas=config.quotas,
     )
     # api.site(): a Site whose requests refuse a too-large body before reading it.
     http = strports.service(config.listen, api.site(), reactor=reactor)
@@ -521,12 +767,27 @@ def makeService(options: Options) -> CurlfetchService:
     from twisted.internet import reactor
 
     config = options.config
+    hidden = {"log_format", "tokens", "egress"}  # Twisted's key; digests stay out of logs
     log.info(
         "curlfetch: listen={listen} data_dir={data_dir} max_concurrency={max_concurrency}"
         " max_per_host={max_per_host} per_host_interval={per_host_interval}s"
-        " max_queued={max_queued} retention={retention}s drain_timeout={drain_timeout}s",
-        **attrs.asdict(config, filter=lambda a, _: a.name != "log_format"),  # Twisted's key
+        " max_queued={max_queued} retention={retention}s drain_timeout={drain_timeout}s"
+        " clients={clients} metrics_auth={metrics_auth}"
+        " client_max_queued={client_max_queued} client_max_in_flight={client_max_in_flight}"
+        " client_rate={client_rate}/s client_burst={client_burst}",
+        clients=len(config.tokens.clients),
+        **attrs.asdict(config, filter=lambda a, _: a.name not in hidden),
     )
+    log.info(
+        "egress policy: {egress} max_response_header_bytes={max_header}",
+        egress=config.egress.describe(),
+        max_header=config.max_response_header_bytes,
+    )
+    if not config.tokens:
+        log.warn(
+            "no tokens configured: the API is open to anyone who can reach {listen}",
+            listen=config.listen,
+        )
     root = build_service(reactor, config)
     root.when_started().addCallbacks(
         lambda _: log.info("curlfetch ready on {listen}", listen=config.listen),

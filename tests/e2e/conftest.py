@@ -40,6 +40,9 @@ _SETPRIV = shutil.which("setpriv")
 _DIE_WITH_US = [_SETPRIV, "--pdeathsig", "KILL", "--"] if _SETPRIV else []
 """If pytest-timeout ends this process (os._exit), its daemons die too (setpriv execs
 twistd in place: the pid, the signals and the exit status are twistd's own)."""
+LOOPBACK_EGRESS = ["--allow-cidr=127.0.0.0/8", "--allow-cidr=::1/128", "--allow-port=1024-65535"]
+"""The targets are loopback servers on random ports, which the default egress policy
+denies: every daemon opens exactly that, unless a test sets ``daemon.egress``."""
 
 
 def reactor() -> Any:
@@ -71,6 +74,9 @@ class Daemon:
         self.data_dir = data_dir
         self.log_path = log_path
         self.args = args
+        self.egress = list(LOOPBACK_EGRESS)
+        self.token: str | None = None
+        """Sent as ``Authorization: Bearer`` on every request that has none of its own."""
         self.env: dict[str, str] = {
             k: v for k, v in os.environ.items() if not k.startswith("CURLFETCH_")
         }
@@ -96,6 +102,7 @@ class Daemon:
                     "curlfetch",
                     "--listen=tcp:0:interface=127.0.0.1",
                     f"--data-dir={self.data_dir}",
+                    *self.egress,
                     *self.args,
                 ],
                 stdin=subprocess.DEVNULL,
@@ -178,11 +185,14 @@ class Daemon:
         headers: list[tuple[str, str]] | None = None,
         seconds: float = 10,
     ) -> Reply:
+        sent = list(headers or [])
+        if self.token and not any(name.lower() == "authorization" for name, _ in sent):
+            sent.append(("Authorization", f"Bearer {self.token}"))
         response = await self.client.fetch(
             self.url(path),
             method=method,
             body=body,
-            headers=headers or [],
+            headers=sent,
             timeout=seconds,
         )
         return Reply(response.status, response.headers, response.body or b"")

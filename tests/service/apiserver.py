@@ -2,7 +2,9 @@
 real SQLite store and body directory in ``tmp_path``, a real ``CurlClient`` and
 ``Scheduler``, and a loopback target (``tests/engine/servers.py``) to fetch from.
 
-Tests talk to it over real HTTP with the engine's own ``CurlClient``. ``stop()`` drains the
+Tests talk to it over real HTTP with the engine's own ``CurlClient``. With ``tokens``
+(client id -> token), every call carries the first client's token unless it names
+another (``token=``) or none (``anonymous=True``). ``stop()`` drains the
 scheduler, closes both clients, stops both listeners, closes the store, and checks that no
 ``CurlSocket`` is left registered with the reactor.
 """
@@ -10,7 +12,7 @@ scheduler, closes both clients, stops both listeners, closes the store, and chec
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +23,12 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 
 from service.api import JobAPI
+from service.auth import TokenSet
 from service.bodies import DirectoryBodyStore
 from service.engine import CurlClient, CurlSocket, Headers
 from service.jobs import Limits
 from service.metrics import Metrics
+from service.quotas import ClientQuotas
 from service.scheduler import Scheduler, SchedulerConfig
 from service.store_sqlite import SQLiteJobStore
 from tests.engine.servers import LoopbackSite
@@ -68,6 +72,9 @@ class Service:
         max_batch: int = 1000,
         poll_interval: float = 10.0,  # long: a missed wake-up shows as a failed wait
         limits: Limits | None = None,
+        tokens: Mapping[str, str] | None = None,
+        metrics_auth: bool = True,
+        quotas: ClientQuotas | None = None,
     ) -> None:
         self.reactor = reactor()
         self.root = root
@@ -80,9 +87,16 @@ class Service:
             store=self.store,
             client=self.engine,
             bodies=self.bodies,
-            config=SchedulerConfig(max_concurrency=max_concurrency, poll_interval=0.2),
+            config=SchedulerConfig(
+                max_concurrency=max_concurrency,
+                poll_interval=0.2,
+                max_per_client=quotas.max_in_flight if quotas else 0,
+            ),
             observer=self.metrics,
         )
+        self.tokens = dict(tokens or {})
+        self.token: str | None = next(iter(self.tokens.values()), None)
+        """What every call sends unless told otherwise: the first client's token."""
         self.api = JobAPI(
             self.reactor,
             store=self.store,
@@ -95,6 +109,9 @@ class Service:
             max_batch=max_batch,
             retry_after=3,
             poll_interval=poll_interval,
+            tokens=TokenSet.parse((c, f"{c}:{t}") for c, t in self.tokens.items()),
+            metrics_auth=metrics_auth,
+            quotas=quotas,
         )
         self.http = CurlClient(self.reactor)
         self.target = LoopbackSite(self.reactor)
@@ -142,9 +159,15 @@ class Service:
         body: bytes | None = None,
         headers: list[tuple[str, str]] | None = None,
         seconds: float = CALL_TIMEOUT,
+        token: str | None = None,
+        anonymous: bool = False,
     ) -> Reply:
-        """One request to the API; ``json_body`` is sent as application/json."""
+        """One request to the API; ``json_body`` is sent as application/json. It carries
+        ``token`` (by default the service's first token) unless ``anonymous``."""
         sent_headers = list(headers or [])
+        bearer = None if anonymous else (token or self.token)
+        if bearer is not None:
+            sent_headers.append(("Authorization", f"Bearer {bearer}"))
         if json_body is not None:
             body = json.dumps(json_body).encode()
             if not any(name.lower() == "content-type" for name, _ in sent_headers):
@@ -159,11 +182,13 @@ class Service:
         response = await d.addTimeout(seconds + 1, self.reactor)
         return Reply(response.status, response.headers, response.body or b"")
 
-    async def submit(self, spec: object) -> Reply:
-        return await self.call("POST", "/v1/jobs", json_body=spec)
+    async def submit(self, spec: object, token: str | None = None) -> Reply:
+        return await self.call("POST", "/v1/jobs", json_body=spec, token=token)
 
-    async def wait_job(self, job_id: str, seconds: float = 5) -> dict[str, Any]:
-        reply = await self.call("GET", f"/v1/jobs/{job_id}?wait={seconds:g}")
+    async def wait_job(
+        self, job_id: str, seconds: float = 5, token: str | None = None
+    ) -> dict[str, Any]:
+        reply = await self.call("GET", f"/v1/jobs/{job_id}?wait={seconds:g}", token=token)
         assert reply.status == 200, reply
         job: dict[str, Any] = reply.json()
         return job

@@ -16,12 +16,15 @@ from referencing.jsonschema import DRAFT202012
 from twisted.internet import protocol
 
 from service.api import JobAPI
+from service.quotas import ClientQuotas
 
 from .apiserver import Reply, Service, ServiceFactory, services, svc
 
 __all__ = ["services", "svc"]  # fixtures
 
 DOC_URI = "urn:curlfetch:openapi"
+ALICE = "alice-token-0123456789"
+BOB = "bob-token-0123456789abc"
 METHODS = ("get", "put", "post", "delete", "patch", "options", "head", "trace")
 
 
@@ -144,8 +147,15 @@ class _Raw(protocol.Protocol):
 @pytest_twisted.ensureDeferred
 async def test_real_responses_match_the_document(services: ServiceFactory) -> None:
     """Every route, in success and in error, answers with a documented status, headers
-    and body; and every documented response (but 500, a bug) is produced by the run."""
-    s = await services(max_batch=2, max_queued=2, max_concurrency=1, max_request_bytes=64 * 1024)
+    and body; and every documented response (but 500, a bug) is produced by the run.
+    The service has tokens, so authentication failures and quotas are covered too."""
+    s = await services(
+        max_batch=2,
+        max_queued=2,
+        max_concurrency=1,
+        max_request_bytes=64 * 1024,
+        tokens={"alice": ALICE, "bob": BOB},
+    )
     doc = await fetch_document(s)
     c = Checker(doc)
     job_path, body_path, jobs_path = "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/body", "/v1/jobs"
@@ -225,6 +235,39 @@ async def test_real_responses_match_the_document(services: ServiceFactory) -> No
     c.check(await s.call("DELETE", f"/v1/jobs/{unknown}"), job_path, "DELETE")
     c.check(await s.call("GET", f"/v1/jobs/{unknown}/body"), body_path, "GET")
     c.check(await s.call("GET", "/metrics"), "/metrics", "GET")
+
+    # Authentication: none, an unknown token, a malformed header; another client's job.
+    for method, template, path in (
+        ("POST", jobs_path, jobs_path),
+        ("GET", jobs_path, jobs_path),
+        ("GET", job_path, f"/v1/jobs/{ok}"),
+        ("DELETE", job_path, f"/v1/jobs/{ok}"),
+        ("GET", body_path, f"/v1/jobs/{ok}/body"),
+        ("GET", "/metrics", "/metrics"),
+    ):
+        reply = await s.call(method, path, anonymous=True)
+        assert reply.status == 401
+        c.check(reply, template, method)
+        reply = await s.call(method, path, token="unknown-token-0123456789")
+        assert reply.status == 401
+        c.check(reply, template, method)
+        malformed = [("Authorization", "Bearer")]
+        reply = await s.call(method, path, anonymous=True, headers=malformed)
+        assert reply.status == 400
+        c.check(reply, template, method)
+    reply = await s.call("POST", jobs_path, anonymous=True, json_body={"url": s.url("/")})
+    assert reply.status == 401  # refused before the body is read
+    c.check(reply, jobs_path, "POST")
+    reply = await s.call("GET", f"/v1/jobs/{ok}", token=BOB)
+    assert reply.status == 404
+    c.check(reply, job_path, "GET")
+
+    # Quotas (on another service with a rate quota): 429.
+    limited = await services(tokens={"alice": ALICE}, quotas=ClientQuotas(rate=0.001, burst=1))
+    assert (await limited.submit({"url": limited.url("/bytes")})).status == 201
+    reply = await limited.submit({"url": limited.url("/bytes")})
+    assert reply.status == 429
+    c.check(reply, jobs_path, "POST")
 
     # Unknown paths and methods.
     c.check_component(await s.call("GET", "/nope"), "NotFound")

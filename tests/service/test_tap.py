@@ -91,7 +91,7 @@ def test_environment_variables(tmp_path: Path) -> None:
     config = parse(
         [],
         {
-            "CURLFETCH_LISTEN": "tcp:0",
+            "CURLFETCH_LISTEN": "tcp:0:interface=127.0.0.1",
             "CURLFETCH_DATA_DIR": str(tmp_path),
             "CURLFETCH_MAX_CONCURRENCY": "5",
             "CURLFETCH_MAX_PER_HOST": "3",
@@ -104,7 +104,7 @@ def test_environment_variables(tmp_path: Path) -> None:
         },
     ).config
     assert config == tap.Config(
-        listen="tcp:0",
+        listen="tcp:0:interface=127.0.0.1",
         data_dir=str(tmp_path),
         max_concurrency=5,
         max_per_host=3,
