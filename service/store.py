@@ -10,9 +10,39 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from typing import Protocol
 
+import attrs
 from twisted.internet.defer import Deferred
 
 from .jobs import Job, JobState
+
+IDEMPOTENCY_TTL = 24 * 3600.0
+"""Seconds an Idempotency-Key is remembered (the IETF draft and Stripe: at least 24 h)."""
+
+
+@attrs.frozen
+class StoredResponse:
+    """The response first given for an Idempotency-Key, replayed for a repeat."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+@attrs.frozen
+class IdempotencyRecord:
+    """Stored with the jobs it created, in the same transaction (``add``)."""
+
+    client: str
+    key: str
+    response: StoredResponse
+
+
+class IdempotencyMismatchError(Exception):
+    """The key was used before with a different request body (422)."""
+
+
+class IdempotencyInProgressError(Exception):
+    """The first request with this key is still being accepted (409)."""
 
 
 class JobStore(Protocol):
@@ -26,8 +56,24 @@ class JobStore(Protocol):
     def ping(self) -> Deferred[None]:
         """Fails if the database cannot be reached (readiness)."""
 
-    def add(self, jobs: Sequence[Job]) -> Deferred[None]:
-        """Insert ``jobs`` (all ``queued``) in one transaction; fires once committed."""
+    def reserve_key(
+        self, client: str, key: str, fingerprint: str, now: float
+    ) -> Deferred[StoredResponse | None]:
+        """Claim ``key`` for a new submission (fires None), or fire with the response
+        recorded for an earlier one with the same ``fingerprint`` (a hash of the request
+        body). Fails with ``IdempotencyMismatchError`` for another fingerprint and with
+        ``IdempotencyInProgressError`` while the first is reserved but not recorded.
+        Keys older than ``IDEMPOTENCY_TTL`` count as absent. Scoped to the client."""
+
+    def release_key(self, client: str, key: str) -> Deferred[None]:
+        """Forget a reservation whose submission was refused, so a retry can use it."""
+
+    def add(
+        self, jobs: Sequence[Job], idempotency: IdempotencyRecord | None = None
+    ) -> Deferred[None]:
+        """Insert ``jobs`` (all ``queued``) in one transaction; fires once committed.
+        With ``idempotency``, the reserved key's response is recorded in the same
+        transaction, so a key never points at jobs that were not stored."""
 
     def get(self, client: str, job_id: str) -> Deferred[Job | None]:
         """The job, or None if it does not exist or belongs to another client."""
@@ -79,4 +125,5 @@ class JobStore(Protocol):
         """The client's jobs waiting to run, as of the last write (cheap: its quota)."""
 
     def purge(self, finished_before: float) -> Deferred[list[str]]:
-        """Delete terminal jobs finished before the time; fires with their ids."""
+        """Delete terminal jobs finished before the time; fires with their ids. Also drops
+        Idempotency-Keys older than ``IDEMPOTENCY_TTL``."""
