@@ -19,10 +19,14 @@ the token's client is the only one whose jobs the request can see: another clien
 is 404, exactly like a job that does not exist. Without tokens every request is the
 anonymous client ``""``. ``/healthz``, ``/readyz`` and ``/openapi.json`` are always open.
 Per-client quotas on submissions (``service/quotas.py``) answer 429 with Retry-After.
+
+``POST /v1/jobs`` takes an optional ``Idempotency-Key`` (IETF
+draft-ietf-httpapi-idempotency-key-header, Stripe's semantics): see ``submit``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -55,7 +59,13 @@ from .metrics import Metrics
 from .openapi import build_openapi
 from .quotas import ClientQuotas, RateLimiter, retry_after
 from .scheduler import Scheduler
-from .store import JobStore
+from .store import (
+    IdempotencyInProgressError,
+    IdempotencyMismatchError,
+    IdempotencyRecord,
+    JobStore,
+    StoredResponse,
+)
 from .store_sqlite import StoreClosedError
 
 log = Logger()
@@ -75,6 +85,12 @@ _CURSOR = re.compile(r"[0-9A-Za-z_-]{1,128}\Z")
 _DIGITS = re.compile(r"[0-9]{1,9}\Z")
 _SAFE_CONTENT_TYPE = re.compile(r"[\x20-\x7e]{1,256}\Z")
 _JSON_TYPE = "application/json"
+_IDEMPOTENCY_KEY = re.compile(rb"[\x21-\x7e]{1,255}\Z")
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+IN_PROGRESS_RETRY_AFTER = 1
+"""Retry-After (seconds) of a 409 for a key whose first request is still being accepted:
+that normally takes milliseconds (a reservation left by a crashed process takes up to
+``IDEMPOTENCY_ABANDONED_AFTER``)."""
 
 
 class ApiError(Exception):
@@ -540,7 +556,15 @@ class JobAPI:
 
     @app.route("/v1/jobs", methods=["POST"])
     async def submit(self, request: IRequest) -> bytes:
-        """One spec, or ``{"jobs": [...]}``; all accepted or none."""
+        """One spec, or ``{"jobs": [...]}``; all accepted or none.
+
+        With an ``Idempotency-Key``, only a request that passed validation reserves the
+        key (scoped to the client); the same key and body then replay the 201 as first
+        sent, another body is 422, and a repeat while the first is still being accepted
+        is 409. A refusal (429, 503, an error) releases the key: only a 201 is recorded,
+        in the transaction that stores its jobs. The fingerprint is the sha256 of the
+        raw body: a client's retry sends the same bytes (the Content-Type must be JSON
+        anyway, and its parameters do not change the meaning)."""
         client = self._client(request)
         if self.draining:
             raise ApiError(
@@ -549,10 +573,48 @@ class JobAPI:
                 "the service is shutting down; submit to another instance or retry",
                 headers={"Retry-After": str(self.retry_after)},
             )
+        key = _idempotency_key(request)
         self._check_length(request)
         self._check_content_type(request)
-        payload = self._read_json(request)
+        data = self._read_body(request)
+        payload = _parse_json(data)
         specs, batch = self._parse_submission(payload)
+        if key is None:
+            return await self._accept(request, client, specs, batch, None)
+        fingerprint = hashlib.sha256(data).hexdigest()
+        try:
+            stored = await self._reserve(client, key, fingerprint)
+            if stored is not None:
+                return _send(request, stored, replayed=True)
+            try:
+                return await self._accept(request, client, specs, batch, key)
+            except BaseException:
+                # Queued after the add: a no-op if it committed (the key is recorded).
+                self._release(client, key)
+                raise
+        except IdempotencyMismatchError:
+            raise ApiError(
+                422,
+                "idempotency_key_reused",
+                f"this {IDEMPOTENCY_HEADER} was used with another request body; "
+                "use a new key for a new request",
+                field=IDEMPOTENCY_HEADER,
+            ) from None
+        except IdempotencyInProgressError:
+            raise ApiError(
+                409,
+                "idempotency_key_in_progress",
+                f"a request with this {IDEMPOTENCY_HEADER} is still being accepted; "
+                "retry it later to get its response",
+                field=IDEMPOTENCY_HEADER,
+                headers={"Retry-After": str(IN_PROGRESS_RETRY_AFTER)},
+            ) from None
+
+    async def _accept(
+        self, request: IRequest, client: str, specs: list[JobSpec], batch: bool, key: str | None
+    ) -> bytes:
+        """Quotas and backpressure, then store the jobs (and the key's response) and
+        answer 201."""
         count = len(specs)
         self._check_quotas(client, count)
         waiting = self._store.queued() + self._adding
@@ -572,10 +634,15 @@ class JobAPI:
             for job_id, spec in zip(ids, specs, strict=True)
         ]
         self.rates.take(client, count)
-        await self._add(client, jobs)
-        request.setHeader(b"Location", job_url(jobs[0].id).encode("ascii"))
         views = [job_view(job) for job in jobs]
-        return _json(request, {"jobs": views} if batch else views[0], 201)
+        response = StoredResponse(
+            201,
+            (("Content-Type", _JSON_TYPE), ("Location", job_url(jobs[0].id))),
+            _dumps({"jobs": views} if batch else views[0]),
+        )
+        record = None if key is None else IdempotencyRecord(client, key, response)
+        await self._add(client, jobs, record)
+        return _send(request, response, replayed=False)
 
     @app.route("/v1/jobs", methods=["GET"])
     async def list_jobs(self, request: IRequest) -> bytes:
@@ -664,7 +731,7 @@ class JobAPI:
         if info is None:
             raise ApiError(404, "not_found", f"job {job_id} has no body (yet)")
         try:
-            # A local open is quick (bodies.py: local disk I/O stays on the reactor thread).
+            # A local open is quick; reading the file is left to _BodyResource.
             file = open(self._bodies.path(job.id), "rb")  # noqa: SIM115, ASYNC230
         except FileNotFoundError:
             raise ApiError(404, "not_found", f"the body of job {job_id} is gone") from None
@@ -832,9 +899,40 @@ class JobAPI:
             raise _not_found(job_id)
         return job
 
-    async def _add(self, client: str, jobs: list[Job]) -> None:
-        """Commit ``jobs``, then wake the scheduler. A client that hangs up meanwhile
-        does not undo (or lose track of) the commit: the add is shielded."""
+    async def _reserve(self, client: str, key: str, fingerprint: str) -> StoredResponse | None:
+        """``reserve_key``, shielded: if the client hangs up meanwhile, a reservation
+        made anyway is released once it is made, so it cannot block the key."""
+        hung_up = False
+
+        def settle(stored: StoredResponse | None) -> StoredResponse | None:
+            if hung_up and stored is None:
+                self._release(client, key)
+            return stored
+
+        d = self._store.reserve_key(client, key, fingerprint, self._reactor.seconds())
+        try:
+            return await _shielded(d.addCallback(settle))
+        except CancelledError:
+            hung_up = True
+            raise
+
+    def _release(self, client: str, key: str) -> None:
+        """Release a reservation in the background (the response does not wait)."""
+
+        def failed(failure: Failure) -> None:
+            log.warn(
+                "could not release an Idempotency-Key of {client!r}: {error}",
+                client=client,
+                error=failure.getErrorMessage(),
+            )
+
+        self._store.release_key(client, key).addErrback(failed)
+
+    async def _add(
+        self, client: str, jobs: list[Job], record: IdempotencyRecord | None = None
+    ) -> None:
+        """Commit ``jobs`` (and ``record``), then wake the scheduler. A client that hangs
+        up meanwhile does not undo (or lose track of) the commit: the add is shielded."""
         count = len(jobs)
         self._adding += count
         self._adding_by[client] = self._adding_by.get(client, 0) + count
@@ -856,7 +954,7 @@ class JobAPI:
             done()
             return failure
 
-        await _shielded(self._store.add(jobs).addCallbacks(committed, failed))
+        await _shielded(self._store.add(jobs, record).addCallbacks(committed, failed))
 
     async def _wait_terminal(self, client: str, job_id: str, seconds: float) -> Job:
         deadline = self._reactor.seconds() + seconds
@@ -902,7 +1000,7 @@ class JobAPI:
                 f"Content-Type must be application/json (got {shown})",
             )
 
-    def _read_json(self, request: IRequest) -> object:
+    def _read_body(self, request: IRequest) -> bytes:
         content = request.content
         data: bytes = content.read(self.max_request_bytes + 1) if content is not None else b""
         if len(data) > self.max_request_bytes:
@@ -911,14 +1009,7 @@ class JobAPI:
                 "payload_too_large",
                 f"the request body exceeds {self.max_request_bytes} bytes",
             )
-        try:
-            return json.loads(data.decode("utf-8"), parse_constant=_no_constant)
-        except UnicodeDecodeError:
-            raise ApiError(400, "invalid_request", "the body is not UTF-8") from None
-        except json.JSONDecodeError as e:
-            raise ApiError(400, "invalid_request", f"malformed JSON: {e}") from None
-        except (RecursionError, ValueError) as e:
-            raise ApiError(400, "invalid_request", f"unacceptable JSON: {e}") from None
+        return data
 
     def _parse_submission(self, payload: object) -> tuple[list[JobSpec], bool]:
         """(specs, is_batch); SpecError becomes 400 naming the field (``jobs[3].url``)."""
@@ -980,11 +1071,55 @@ def _no_constant(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
 
 
+def _parse_json(data: bytes) -> object:
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+    except UnicodeDecodeError:
+        raise ApiError(400, "invalid_request", "the body is not UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise ApiError(400, "invalid_request", f"malformed JSON: {e}") from None
+    except (RecursionError, ValueError) as e:
+        raise ApiError(400, "invalid_request", f"unacceptable JSON: {e}") from None
+
+
+def _idempotency_key(request: IRequest) -> str | None:
+    """The ``Idempotency-Key`` header, taken verbatim (a structured-field string keeps
+    its quotes): 1-255 visible ASCII characters, at most one header; else 400."""
+    values = request.requestHeaders.getRawHeaders(b"idempotency-key")
+    if values is None:
+        return None
+    if len(values) != 1 or not _IDEMPOTENCY_KEY.match(values[0]):
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"{IDEMPOTENCY_HEADER} must be one header of 1 to 255 visible ASCII characters",
+            field=IDEMPOTENCY_HEADER,
+        )
+    value: bytes = values[0]
+    return value.decode("ascii")
+
+
+def _dumps(body: object) -> bytes:
+    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _send(request: IRequest, response: StoredResponse, *, replayed: bool) -> bytes:
+    """A stored response, as first sent (``replayed``: marked ``Idempotent-Replayed``)."""
+    request.setResponseCode(response.status)
+    for name, value in response.headers:
+        request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
+    request.setHeader(b"Cache-Control", b"no-store")
+    request.setHeader(b"Content-Length", b"%d" % len(response.body))
+    if replayed:
+        request.setHeader(b"Idempotent-Replayed", b"true")
+    return response.body
+
+
 def _json(request: IRequest, body: object, status: int = 200) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", _JSON_TYPE.encode())
     request.setHeader(b"Cache-Control", b"no-store")
-    data = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    data = _dumps(body)
     request.setHeader(b"Content-Length", b"%d" % len(data))
     return data
 

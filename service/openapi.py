@@ -75,9 +75,11 @@ def _schemas(max_batch: int) -> dict[str, Any]:
                             "description": (
                                 "Stable, machine-readable: invalid_request (400), "
                                 "unauthorized and invalid_token (401), not_found "
-                                "(404), method_not_allowed (405), conflict (409), "
+                                "(404), method_not_allowed (405), conflict and "
+                                "idempotency_key_in_progress (409), "
                                 "payload_too_large and too_many_jobs (413), "
-                                "unsupported_media_type (415), quota_exceeded and "
+                                "unsupported_media_type (415), idempotency_key_reused "
+                                "(422), quota_exceeded and "
                                 "rate_limited (429), queue_full, draining and "
                                 "store_unavailable (503), internal_error (500, a bug)."
                             ),
@@ -87,8 +89,8 @@ def _schemas(max_batch: int) -> dict[str, Any]:
                             "type": "string",
                             "description": (
                                 "Where in the request the problem is: a JSON path into "
-                                "the body (`headers[2]`, `jobs[3].url`) or a query "
-                                "parameter (`wait`)."
+                                "the body (`headers[2]`, `jobs[3].url`), a query "
+                                "parameter (`wait`) or a header (`Idempotency-Key`)."
                             ),
                         },
                     },
@@ -473,8 +475,34 @@ def build_openapi(
                         "or jobs per second; a batch counts each job), 429 with "
                         "Retry-After and nothing accepted. When more jobs would wait "
                         "than the service allows, or while it shuts down, 503 with "
-                        "Retry-After and nothing accepted."
+                        "Retry-After and nothing accepted.\n\n"
+                        "Idempotency (optional): with an `Idempotency-Key`, a retry of "
+                        "the same request (same client, key and body bytes) within "
+                        "24 hours gets the first 201 again, byte for byte, with "
+                        "`Idempotent-Replayed: true`, and creates no job. The same key "
+                        "with another body is 422 `idempotency_key_reused`; a retry "
+                        "while the first is still being accepted is 409 "
+                        "`idempotency_key_in_progress` with Retry-After. A request that "
+                        "is refused (4xx, 429, 503) does not use the key up. Keys are "
+                        "per client."
                     ),
+                    "parameters": [
+                        {
+                            "name": "Idempotency-Key",
+                            "in": "header",
+                            "required": False,
+                            "description": (
+                                "Any unique value (a UUID), compared verbatim; "
+                                "remembered for 24 hours."
+                            ),
+                            "schema": {
+                                "type": "string",
+                                "minLength": 1,
+                                "maxLength": 255,
+                                "pattern": "^[!-~]+$",
+                            },
+                        }
+                    ],
                     "requestBody": {
                         "required": True,
                         "content": _json_content({"anyOf": [_ref("JobSpec"), _ref("Batch")]}),
@@ -483,7 +511,8 @@ def build_openapi(
                         "201": {
                             "description": (
                                 'Accepted: the job, or `{"jobs": [...]}` in submission '
-                                "order for a batch."
+                                "order for a batch. A replay (`Idempotency-Key`) repeats "
+                                "the first 201 and adds `Idempotent-Replayed: true`."
                             ),
                             "headers": {
                                 "Location": {
@@ -493,13 +522,25 @@ def build_openapi(
                             },
                             "content": _json_content({"oneOf": [_ref("Job"), _ref("JobBatch")]}),
                         },
-                        "400": _error_response(f"Malformed JSON or an invalid spec. {_BAD_AUTH}."),
+                        "400": _error_response(
+                            "Malformed JSON, an invalid spec or an invalid "
+                            f"`Idempotency-Key`. {_BAD_AUTH}."
+                        ),
                         "401": unauthorized,
+                        "409": _error_response(
+                            "A request with this `Idempotency-Key` is still being accepted "
+                            "(`idempotency_key_in_progress`); retry for its response.",
+                            **{"Retry-After": _RETRY_AFTER},
+                        ),
                         "413": _error_response(
                             f"The body exceeds {max_request_bytes} bytes, or the batch "
                             f"has more than {max_batch} jobs (`too_many_jobs`)."
                         ),
                         "415": _error_response("Content-Type is not application/json."),
+                        "422": _error_response(
+                            "This `Idempotency-Key` was used with another request body "
+                            "(`idempotency_key_reused`)."
+                        ),
                         "429": _error_response(
                             "Over the client's quota: too many of its jobs queued "
                             "(`quota_exceeded`) or submitted too fast (`rate_limited`); "

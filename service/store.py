@@ -18,6 +18,14 @@ from .jobs import Job, JobState
 IDEMPOTENCY_TTL = 24 * 3600.0
 """Seconds an Idempotency-Key is remembered (the IETF draft and Stripe: at least 24 h)."""
 
+IDEMPOTENCY_ABANDONED_AFTER = 60.0
+"""Seconds after which a reservation made by *another* store instance counts as abandoned
+(its process died between ``reserve_key`` and ``add``) and may be taken over. A store
+never abandons its own reservations: its API records or releases every one of them.
+An instance is one store object in one process: a restarted process is another instance
+(even with the same configured instance id), so its predecessor's reservations are
+abandoned after this bound rather than held until the TTL."""
+
 
 @attrs.frozen
 class StoredResponse:
@@ -63,17 +71,27 @@ class JobStore(Protocol):
         recorded for an earlier one with the same ``fingerprint`` (a hash of the request
         body). Fails with ``IdempotencyMismatchError`` for another fingerprint and with
         ``IdempotencyInProgressError`` while the first is reserved but not recorded.
-        Keys older than ``IDEMPOTENCY_TTL`` count as absent. Scoped to the client."""
+        Keys older than ``IDEMPOTENCY_TTL`` count as absent. Scoped to the client.
+
+        In order: an expired key, or another instance's reservation older than
+        ``IDEMPOTENCY_ABANDONED_AFTER``, is replaced by a new reservation (fires None);
+        then another fingerprint is a mismatch (even while reserved); then a reservation
+        is in progress; then the recorded response is replayed. A key's age counts from
+        its reservation."""
 
     def release_key(self, client: str, key: str) -> Deferred[None]:
-        """Forget a reservation whose submission was refused, so a retry can use it."""
+        """Forget a reservation whose submission was refused, so a retry can use it.
+        Only this instance's own reservation is deleted: never a recorded response, nor a
+        reservation another instance took over, so calling it after ``add`` is harmless."""
 
     def add(
         self, jobs: Sequence[Job], idempotency: IdempotencyRecord | None = None
     ) -> Deferred[None]:
         """Insert ``jobs`` (all ``queued``) in one transaction; fires once committed.
         With ``idempotency``, the reserved key's response is recorded in the same
-        transaction, so a key never points at jobs that were not stored."""
+        transaction, so a key never points at jobs that were not stored. If this
+        instance no longer holds the reservation (released, or taken over as abandoned),
+        it fails with ``IdempotencyInProgressError`` and stores nothing."""
 
     def get(self, client: str, job_id: str) -> Deferred[Job | None]:
         """The job, or None if it does not exist or belongs to another client."""
