@@ -1,7 +1,7 @@
 """Runs the benchmark workloads side by side against one loopback nginx and prints a table
 of absolute figures and ratios against the peers. Started by ``bench/run``.
 
-    python -m bench.harness [--quick] [--only a,b,c,d,s] [--rounds N] [--no-profile]
+    python -m bench.harness [--quick] [--only a,b,c,d,s,p] [--rounds N] [--no-profile]
 
 Every client run is its own process; rounds are interleaved (each round runs every
 client once, in a rotated order) and the tables show medians over rounds.
@@ -468,6 +468,14 @@ SMALL_CLIENTS = ("engine", "curl", "aiohttp", "treq")
 BIG_CLIENTS = ("engine", "curl", "aiohttp", "treq")
 SLOW_CLIENTS = ("engine", "aiohttp", "treq")
 SERVICE_CLIENTS = ("service", "curl")
+SCALE_CONFIGS = {
+    "sqlite x1": ("sqlite", 1),
+    "postgres x1": ("postgres", 1),
+    "postgres x2": ("postgres", 2),
+    "postgres x3": ("postgres", 3),
+}
+SCALE_CONCURRENCY = 100
+"""(p): --max-concurrency of each instance; the shared per-host cap is this times K."""
 LABELS = {"curl": "curl CLI"}
 
 
@@ -946,6 +954,78 @@ class Bench:
         for line in profile_lines(profile):
             out(f"  {line}")
 
+    # (p) ----------------------------------------------------------------------------------
+
+    def scale(self) -> None:
+        p = self.plan
+        c = SCALE_CONCURRENCY
+        out(
+            f"(p) scale-out: (s)'s job mix, {p.service_n:,} jobs of 1 KiB submitted to the "
+            f"first instance; SQLite with one instance against 1, 2 and 3 instances on one "
+            f"PostgreSQL (--max-concurrency {c} each, per-host cap {c} x instances, shared "
+            f"bodies directory); {p.rounds} rounds"
+        )
+        database = os.environ.get("CURLFETCH_TEST_DATABASE_URL", "postgresql://127.0.0.1:5432/test")
+        try:
+            import psycopg
+
+            psycopg.connect(database, connect_timeout=3).close()
+        except Exception as e:
+            out(f"  skipped: PostgreSQL at {database} does not answer ({e})")
+            return
+        probe = self.probe()
+        runs: dict[str, list[Run]] = {name: [] for name in SCALE_CONFIGS}
+        for r in range(p.rounds):
+            for name in rotated(list(SCALE_CONFIGS), r):
+                backend, instances = SCALE_CONFIGS[name]
+                argv = [
+                    "--url", self.url(SMALL_FILE), "-n", str(p.service_n),
+                    "--batch", str(p.service_batch), "--posts", str(p.service_posts),
+                    "-c", str(c), "--expect-size", str(KIB), "--work", str(self.work),
+                    "--timeout", "500", "--backend", backend, "--instances", str(instances),
+                    "--database", database,
+                ]  # fmt: skip
+                run = run_python_client("scale", argv, 600, script=BENCH / "scale_bench.py")
+                pg = run.extra.get("postgres_cpu")
+                pg_text = (
+                    f"  postgres CPU {pg:5.2f} s" if pg is not None and backend != "sqlite" else ""
+                )
+                out(f"  round {r + 1} {name:<12} {_service_line(run)}{pg_text}")
+                runs[name].append(run)
+
+        out()
+
+        def pg_us_per_job(run: Run) -> float:
+            return float(run.extra.get("postgres_cpu", 0.0)) / run.n * 1e6
+
+        base = med(runs["sqlite x1"], req_per_s)
+        rows = []
+        summary: dict[str, Any] = {}
+        for name, mine in runs.items():
+            rate, cpu = med(mine, req_per_s), med(mine, cpu_us_per_req)
+            pg = med(mine, pg_us_per_job) if name != "sqlite x1" else None
+            rows.append(
+                [
+                    name,
+                    fmt(rate, ",.0f") + spread(values(mine, req_per_s)),
+                    fmt(med(mine, lambda x: x.wall), ".2f"),
+                    fmt(cpu, ",.0f"),
+                    fmt(pg, ",.0f") if pg is not None else "-",
+                    ratio(rate, base),
+                ]
+            )
+            summary[name] = {"per_s": rate, "cpu_us_per_job": cpu, "postgres_cpu_us_per_job": pg}
+        out(
+            f"  medians over {p.rounds} round(s): first POST to the last job's finished_at; "
+            "CPU of all instances together; postgres: its server processes' CPU meanwhile"
+        )
+        table(["store", "jobs/s", "wall s", "CPU µs/job", "postgres µs/job", "vs SQLite x1"], rows)
+        out(f"  {probe.summary()}")
+        self.record["p"] = {
+            "summary": summary,
+            "runs": {k: [asdict(x) for x in v] for k, v in runs.items()},
+        }
+
 
 def _service_line(run: Run) -> str:
     if run.failed or not run.wall:
@@ -988,7 +1068,11 @@ def versions() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench/run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small N, one round: a smoke check")
-    parser.add_argument("--only", default="a,b,c,d,s", help="workloads to run, e.g. a,b")
+    parser.add_argument(
+        "--only",
+        default="a,b,c,d,s",
+        help="workloads to run, e.g. a,b; p (scale-out) only if named",
+    )
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3, quick 1)")
     parser.add_argument(
         "--no-profile",
@@ -997,8 +1081,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     only = {w.strip() for w in args.only.split(",") if w.strip()}
-    if not only or not only <= set("abcds"):
-        parser.error("--only takes a comma-separated subset of a,b,c,d,s")
+    if not only or not only <= set("abcdsp"):
+        parser.error("--only takes a comma-separated subset of a,b,c,d,s,p")
     plan = QUICK if args.quick else FULL
     if args.rounds is not None:
         if args.rounds < 1:
@@ -1029,8 +1113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "c": bench.slow,
                 "d": bench.soak,
                 "s": bench.service,
+                "p": bench.scale,
             }
-            for key in "abcds":
+            for key in "abcdsp":
                 if key in only:
                     out()
                     steps[key]()

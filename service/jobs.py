@@ -118,10 +118,12 @@ class JobSpec:
     retry: RetryPolicy
     deadline: float | None
     metadata: dict[str, Any] | None
+    host: str = attrs.field(init=False, eq=False, repr=False)
+    """The politeness key: scheme-less host:port, lower-cased. Computed once from ``url``
+    (the scheduler and the store read it per job, several times); not part of equality."""
 
-    @property
-    def host(self) -> str:
-        """The politeness key: scheme-less host:port, lower-cased."""
+    @host.default
+    def _host(self) -> str:
         parts = urlsplit(self.url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
         return f"{(parts.hostname or '').lower()}:{port}"

@@ -5,6 +5,12 @@ client's in-flight quota), and a minimum interval between request starts to one 
 Priorities and FIFO order come from the store's claim. Failed attempts are retried with
 exponential backoff and jitter (honouring ``Retry-After`` up to a cap), within the job's
 deadline. Every state change goes back to the store, which batches the writes.
+
+A response's body is committed by the body store (off the reactor thread) before its job
+is saved as succeeded, and the job keeps its slot until then: the store never has more
+than ``max_concurrency`` jobs running. Claims that must rank the queue per host or per
+client are grouped (``claim_min_free``, ``claim_delay``); when no cap can bind, the
+plain claim is used.
 """
 
 from __future__ import annotations
@@ -66,6 +72,14 @@ class SchedulerConfig:
     per_host_interval: float = 0.0
     claim_batch: int = 500
     poll_interval: float = 0.5
+    claim_delay: float = 0.015
+    """With a per-host or per-client cap that can bind, a claim ranks every queued job
+    (window functions: tens of ms with a deep queue), so it is not issued for each freed
+    slot: it waits until ``claim_min_free`` slots are free or this many seconds have
+    passed since a claim was first held back, whichever comes first."""
+    claim_min_free: int | None = None
+    """None: ``max(8, max_concurrency // 8)`` (at most ``max_concurrency`` and
+    ``claim_batch``)."""
     max_retry_after: float = 300.0
     max_backoff: float = 300.0
     egress: EgressPolicy | None = None
@@ -140,6 +154,11 @@ class Scheduler(Service):
         self._claiming = False
         self._rewake = False  # wake() came while a claim was in flight
         self._wakeup: IDelayedCall | None = None
+        self._held_since: float | None = None  # a ranked claim held back for more slots
+        self._committing = 0  # bodies being made durable; their jobs are saved after
+        self._saves: list[Job] = []  # saved together next turn (one store operation)
+        self._observed: list[tuple[Job, float, Response | None, JobError | None]] = []
+        self._save_call: IDelayedCall | None = None
         self._retry_timer: IDelayedCall | None = None  # the earliest retry coming due
         self._draining = False
         self._idle_waiters: list[Deferred[None]] = []
@@ -239,19 +258,18 @@ class Scheduler(Service):
             if host.timer is not None and host.timer.active():
                 host.timer.cancel()
             host.timer = None
-            requeue = [self._requeued(job, None) for job in host.waiting]
             for job in host.waiting:
+                self._save(self._requeued(job, None))
                 self._release(job)
             host.waiting.clear()
-            if requeue:
-                self._store.save(requeue)
             if not host.active:
                 del self._hosts[name]
         self._waiting = 0
-        if not self._running and not self._claiming:
+        if not self._running and not self._claiming and not self._committing:
+            self._flush_saves()
             return succeed(None)
         # A claim in flight is waited for: _admit puts its jobs back (they count as
-        # handed over only then).
+        # handed over only then). So are body commits: their jobs are saved after.
         done: Deferred[None] = Deferred()
         self._idle_waiters.append(done)
 
@@ -282,9 +300,12 @@ class Scheduler(Service):
         now = self._reactor.seconds()
         for name, host in list(self._hosts.items()):
             self._forget_if_idle(name, host, now)
-        free = self.config.max_concurrency - len(self._running) - self._waiting
+        # A job holds its slot until its outcome is handed to the store (its body commit
+        # included): the store never has more than max_concurrency jobs running, which
+        # bounds what a crash makes run twice.
+        free = self.config.max_concurrency - len(self._running) - self._waiting - self._committing
         if free <= 0:
-            return  # every finished transfer wakes us
+            return  # every settled job wakes us
         limit = min(free, self.config.claim_batch)
         cap = self.config.max_per_host
         room = {
@@ -297,19 +318,43 @@ class Scheduler(Service):
         if self.config.max_per_client > 0:
             per_client = self.config.max_per_client
             client_room = {c: max(0, per_client - n) for c, n in self._clients.items()}
+        # A cap binds only if some host or client could get fewer than ``limit`` jobs;
+        # otherwise the plain claim (an index walk) returns exactly the same jobs.
+        binds = cap < limit or any(r < limit for r in room.values())
+        if per_client is not None and client_room is not None:
+            binds = binds or per_client < limit or any(r < limit for r in client_room.values())
+        if binds and free < self._claim_min_free():
+            since = self._held_since
+            if since is None:
+                since = self._held_since = now
+            if now < since + self.config.claim_delay:
+                self._wake_in(since + self.config.claim_delay - now)
+                return
+        self._held_since = None
+        self._flush_saves()  # the saves that freed these slots go first
         self._claiming = True
         self._rewake = False
-        d = self._store.claim(
-            limit,
-            now,
-            (),
-            per_host=cap,
-            host_room=room,
-            per_client=per_client,
-            client_room=client_room,
-        )
+        if binds:
+            d = self._store.claim(
+                limit,
+                now,
+                (),
+                per_host=cap,
+                host_room=room,
+                per_client=per_client,
+                client_room=client_room,
+            )
+        else:
+            d = self._store.claim(limit, now, ())
         d.addCallbacks(self._claimed, self._claim_failed, callbackArgs=(limit,))
         d.addErrback(lambda f: log.failure("admitting claimed jobs failed", f))
+
+    def _claim_min_free(self) -> int:
+        config = self.config
+        if config.claim_min_free is not None:
+            return config.claim_min_free
+        ceiling = min(config.max_concurrency, config.claim_batch)
+        return max(1, min(ceiling, max(8, config.max_concurrency // 8)))
 
     def _claimed(self, jobs: list[Job], limit: int) -> None:
         self._claiming = False
@@ -338,7 +383,7 @@ class Scheduler(Service):
 
     def _admit(self, job: Job) -> None:
         if self._draining:
-            self._store.save([self._requeued(job, None)])
+            self._save(self._requeued(job, None))
             return
         name = job.spec.host
         host = self._hosts.get(name)
@@ -400,9 +445,11 @@ class Scheduler(Service):
             del self._hosts[name]
 
     def _check_idle(self) -> None:
-        """Fire drain()'s Deferreds once no transfer runs and no claim is in flight."""
-        if self._running or self._claiming or not self._idle_waiters:
+        """Fire drain()'s Deferreds once no transfer runs, no claim is in flight and no
+        body is being committed, after handing the last saves to the store."""
+        if self._running or self._claiming or self._committing or not self._idle_waiters:
             return
+        self._flush_saves()
         waiters, self._idle_waiters = self._idle_waiters, []
         for waiter in waiters:
             waiter.callback(None)
@@ -489,7 +536,7 @@ class Scheduler(Service):
             if running.outcome != "cancelled":
                 # Drained, or the client was closed under us (shutdown): put it back
                 # untouched rather than fail it for something the target did not do.
-                self._store.save([self._requeued(job, None)])
+                self._save(self._requeued(job, None))
             # "cancelled": the store already says so; nothing to save.
             return
         response: Response | None
@@ -504,23 +551,45 @@ class Scheduler(Service):
             if delay is not None:
                 writer.abort()
                 self._observe(job, now - running.started, response, error)
-                self._store.save([self._requeued(job, now + delay)])
+                self._save(self._requeued(job, now + delay))
                 self._retry_at(now + delay)
                 return
-        body: BodyInfo | None = None
-        if response is not None:
-            info = writer.commit()
-            body = BodyInfo(
-                info.size,
-                info.sha256,
-                truncated=False,
-                content_type=response.headers.get("content-type"),
-            )
-        else:
+        if response is None:
             writer.abort()
-        self._finish_attempt(
-            job, started=running.started, now=now, response=response, error=error, body=body
+            self._finish_attempt(job, started=running.started, now=now, response=None, error=error)
+            return
+        # The job says succeeded only once its body is durable: saved when this fires.
+        committed = writer.commit()
+        self._committing += 1
+        committed.addBoth(self._committed, running, response)
+        committed.addErrback(
+            lambda f: log.failure("settling job {job_id} failed", f, job_id=job.id)
         )
+
+    def _committed(self, info: BodyInfo | Failure, running: _Running, response: Response) -> None:
+        self._committing -= 1
+        job = running.job
+        now = self._reactor.seconds()
+        try:
+            if isinstance(info, Failure):
+                log.failure("storing the body of job {job_id} failed", info, job_id=job.id)
+                error = JobError("internal_error", f"cannot store the body: {info.value}")
+                self._finish_attempt(
+                    job, started=running.started, now=now, response=None, error=error
+                )
+            else:
+                body = BodyInfo(
+                    info.size,
+                    info.sha256,
+                    truncated=False,
+                    content_type=response.headers.get("content-type"),
+                )
+                self._finish_attempt(
+                    job, started=running.started, now=now, response=response, body=body
+                )
+        finally:
+            self._check_idle()
+            self.wake()  # its slot is free
 
     def _classify_failure(
         self, failure: Failure, running: _Running, now: float
@@ -564,7 +633,7 @@ class Scheduler(Service):
         started: float,
         now: float,
         response: Response | None,
-        error: JobError | None,
+        error: JobError | None = None,
         body: BodyInfo | None = None,
     ) -> None:
         self._observe(job, now - started, response, error)
@@ -578,12 +647,42 @@ class Scheduler(Service):
             )
         else:
             finished = attrs.evolve(job, state=JobState.FAILED, finished_at=now, error=error)
-        self._store.save([finished])
+        self._save(finished)
+
+    def _save(self, job: Job) -> None:
+        """Hand a state change to the store, together with others (one operation, not
+        one per job): while body commits are in flight more saves are about to come, so
+        they wait for the next turn; otherwise it goes at once (as a lone save did)."""
+        self._saves.append(job)
+        if not self._committing:
+            self._flush_saves()
+        elif self._save_call is None:
+            self._save_call = self._reactor.callLater(0, self._flush_saves)
+
+    def _flush_saves(self) -> None:
+        call, self._save_call = self._save_call, None
+        if call is not None and call.active():
+            call.cancel()
+        jobs, self._saves = self._saves, []
+        if jobs:
+            self._store.save(jobs).addErrback(
+                lambda f: log.failure("saving {count} jobs failed", f, count=len(jobs))
+            )
+        self._tell_observer()
 
     def _observe(
         self, job: Job, seconds: float, response: Response | None, error: JobError | None
     ) -> None:
+        """Told once the attempt's save is handed to the store (``_flush_saves``): the
+        API's long-polls re-read the job then, and the store orders that read after it."""
         if self._observer is not None:
+            self._observed.append((job, seconds, response, error))
+
+    def _tell_observer(self) -> None:
+        observed, self._observed = self._observed, []
+        if self._observer is None:
+            return
+        for job, seconds, response, error in observed:
             try:
                 self._observer.attempt_finished(job, seconds, response, error)
             except Exception:

@@ -79,7 +79,7 @@ class Service:
         self.reactor = reactor()
         self.root = root
         self.store = SQLiteJobStore(self.reactor, root / "jobs.sqlite3")
-        self.bodies = DirectoryBodyStore(root / "bodies")
+        self.bodies = DirectoryBodyStore(self.reactor, root / "bodies")
         self.engine = CurlClient(self.reactor)
         self.metrics = Metrics(self.reactor, lag_interval=0.1)
         self.scheduler = Scheduler(
@@ -139,6 +139,7 @@ class Service:
                 if stopped is not None:
                     await stopped
             await self.target.stop()
+            await self.bodies.close().addTimeout(CALL_TIMEOUT, self.reactor)
             await self.store.close().addTimeout(CALL_TIMEOUT, self.reactor)
         finally:
             left = [

@@ -1,18 +1,22 @@
-"""Fixtures for the job-service tests: a real SQLite store in ``tmp_path`` on the real
-reactor, job builders, and a time bound on every wait."""
+"""Fixtures for the job-service tests: a real store on the real reactor (the ``store``
+and ``backend`` fixtures run each test against SQLite in ``tmp_path`` and PostgreSQL in a
+throwaway schema), job builders, and a time bound on every wait."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 
 from service.jobs import Job, JobSpec, JobState, Limits, new_job_id
 from service.store_sqlite import SQLiteJobStore
+
+from .backends import AnyStore, Backend, PostgresSchema, require_postgres
 
 T = TypeVar("T")
 
@@ -66,9 +70,30 @@ async def open_store(path: str) -> SQLiteJobStore:
     return store
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """Each store backend on a fresh database: a file in ``tmp_path``, or a schema of its
+    own on the local PostgreSQL (skipped, with the reason, where there is none)."""
+    if request.param == "sqlite":
+        yield Backend("sqlite", tmp_path)
+        return
+    require_postgres()
+    schema = PostgresSchema()
+    try:
+        yield Backend("postgres", tmp_path, schema)
+    finally:
+        schema.drop()
+
+
+async def open_backend(backend: Backend, **kwargs: Any) -> AnyStore:
+    store = backend.new(**kwargs)
+    await within(store.open())
+    return store
+
+
 @pytest_twisted.async_yield_fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteJobStore]:
-    """An open store on a fresh file; closed (threads stopped) after the test."""
-    s = await open_store(db_path(tmp_path))
+async def store(backend: Backend) -> AsyncIterator[AnyStore]:
+    """An open store on a fresh database; closed (threads stopped) after the test."""
+    s = await open_backend(backend)
     yield s
     await within(s.close())

@@ -3,7 +3,8 @@ crash does (``os._exit``: no close, no checkpoint, no atexit, no buffers flushed
 
 ``python -m tests.service.store_child add DB``: open a store, add one job, print its id,
 and exit the moment ``add()`` fires.
-``python -m tests.service.store_child body ROOT ID``: write half a body, then exit.
+``python -m tests.service.store_child body ROOT ID``: write half a body (past the memory
+limit, so that it is in its temporary file), then exit.
 """
 
 from __future__ import annotations
@@ -35,8 +36,11 @@ async def add_one(reactor: Any, path: str) -> None:
 
 
 def half_a_body(root: str, job_id: str) -> None:
-    writer = DirectoryBodyStore(root).open_writer(job_id)
+    from twisted.internet import reactor
+
+    writer = DirectoryBodyStore(reactor, root, memory_limit=1000).open_writer(job_id)
     writer.write(b"x" * 100_000)
+    assert writer.temp_path is not None
     os.write(1, writer.temp_path.encode() + b"\n")
     os._exit(0)
 

@@ -4,6 +4,7 @@ and error, for every route) validate against the documented schemas and headers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from typing import Any
@@ -204,6 +205,34 @@ async def test_real_responses_match_the_document(services: ServiceFactory) -> No
     reply = await s.call("POST", jobs_path, body=b"{}", headers=[("Content-Type", "text/plain")])
     c.check(reply, jobs_path, "POST")  # 415
     c.check(await s.submit({"url": s.url("/"), "metadata": {"p": "x" * 70_000}}), jobs_path, "POST")
+
+    # Idempotency-Key: a replay (201), another body (422), still in progress (409), and a
+    # malformed key (400).
+    body = json.dumps({"url": s.url("/bytes")}).encode()
+    json_type = ("Content-Type", "application/json")
+    for _ in range(2):
+        reply = await s.call(
+            "POST", jobs_path, body=body, headers=[json_type, ("Idempotency-Key", "k1")]
+        )
+        c.check(reply, jobs_path, "POST")
+    assert reply.headers.get("idempotent-replayed") == "true"
+    await s.wait_job(reply.json()["id"])
+    reply = await s.call(
+        "POST", jobs_path, json_body={"url": s.url("/")}, headers=[("Idempotency-Key", "k1")]
+    )
+    assert reply.status == 422
+    c.check(reply, jobs_path, "POST")
+    fingerprint = hashlib.sha256(body).hexdigest()
+    assert await s.store.reserve_key("alice", "k2", fingerprint, s.reactor.seconds()) is None
+    reply = await s.call(
+        "POST", jobs_path, body=body, headers=[json_type, ("Idempotency-Key", "k2")]
+    )
+    assert reply.status == 409
+    c.check(reply, jobs_path, "POST")
+    await s.store.release_key("alice", "k2")
+    reply = await s.call("POST", jobs_path, body=body, headers=[json_type, ("Idempotency-Key", "")])
+    assert reply.status == 400
+    c.check(reply, jobs_path, "POST")
 
     # Queued and running jobs: cancel, backpressure, bodies not there yet.
     busy = (await s.submit({"url": s.url("/delay?s=30")})).json()["id"]

@@ -1,19 +1,17 @@
 """Per-client bookkeeping below the API: the store's queued count per client, its claim
-with a per-client cap, and the scheduler's in-flight cap per client, observed at a
+with a per-client cap (both backends), and the scheduler's in-flight cap per client, observed at a
 loopback target."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import attrs
 import pytest
 import pytest_twisted
 
 from service.jobs import JobState
-from service.store_sqlite import SQLiteJobStore
 
-from .conftest import db_path, make_job, open_store, within
+from .backends import AnyStore, Backend
+from .conftest import make_job, open_backend, within
 from .test_scheduler import Env, env, until
 
 __all__ = ["env"]  # fixtures
@@ -27,11 +25,11 @@ T0 = 1_700_000_000.0
 
 
 @pytest_twisted.ensureDeferred
-async def test_queued_for_follows_every_write_per_client(tmp_path: Path) -> None:
+async def test_queued_for_follows_every_write_per_client(backend: Backend) -> None:
     """queued_for(client) equals the stored count of that client's queued jobs after adds,
-    claims, a requeue, a finish, a cancel and a reopen; other clients are unaffected."""
-    path = db_path(tmp_path)
-    store = await open_store(path)
+    claims, a requeue, a finish, a cancel and a reopen; other clients are unaffected
+    (both backends)."""
+    store = await open_backend(backend)
 
     async def check() -> None:
         for client in ("alice", "bob", "carol"):
@@ -66,14 +64,14 @@ async def test_queued_for_follows_every_write_per_client(tmp_path: Path) -> None
     assert (store.queued_for("alice"), store.queued_for("bob")) == (1, 1)
     await within(store.close())
 
-    store = await open_store(path)  # left running: alice 2, bob 1 come back queued
+    store = await open_backend(backend)  # left running: alice 2, bob 1 come back queued
     await check()
     assert (store.queued_for("alice"), store.queued_for("bob")) == (3, 2)
     await within(store.close())
 
 
 @pytest_twisted.ensureDeferred
-async def test_claim_caps_each_client(store: SQLiteJobStore) -> None:
+async def test_claim_caps_each_client(store: AnyStore) -> None:
     """With ``per_client``, a claim gives each client at most its room (``client_room``
     for clients already busy, else the cap), in priority-then-FIFO order, and honours
     ``limit``, host rooms and skipped hosts as before."""
@@ -103,7 +101,7 @@ async def test_claim_caps_each_client(store: SQLiteJobStore) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_a_client_without_room_does_not_hold_back_others_on_the_same_host(
-    store: SQLiteJobStore,
+    store: AnyStore,
 ) -> None:
     """Alice's long backlog for a host, queued first, cannot fill that host's ranks while
     she is at her cap: Bob's later jobs for the same host are claimed up to the host's
@@ -126,7 +124,7 @@ async def test_a_client_without_room_does_not_hold_back_others_on_the_same_host(
 
 
 @pytest_twisted.ensureDeferred
-async def test_claim_never_exceeds_a_room_when_both_caps_bind(store: SQLiteJobStore) -> None:
+async def test_claim_never_exceeds_a_room_when_both_caps_bind(store: AnyStore) -> None:
     """Over many small claims with random-ish rooms, no claim gives a client more than its
     room or a host more than its room."""
     jobs = [

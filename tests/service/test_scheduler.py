@@ -16,12 +16,12 @@ from typing import Any
 import attrs
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock, deferLater
 
-from service.bodies import DirectoryBodyStore
+from service.bodies import BodyWriter, DirectoryBodyStore
 from service.engine import CurlClient, Response
-from service.jobs import Job, JobError, JobSpec, JobState, Limits, new_job_id
+from service.jobs import BodyInfo, Job, JobError, JobSpec, JobState, Limits, new_job_id
 from service.scheduler import (
     Scheduler,
     SchedulerConfig,
@@ -159,7 +159,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     e = Env(
         store=store,
         client=CurlClient(reactor()),
-        bodies=DirectoryBodyStore(tmp_path / "bodies"),
+        bodies=DirectoryBodyStore(reactor(), tmp_path / "bodies"),
         site=LoopbackSite(reactor()),
     )
     try:
@@ -168,6 +168,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
         for sched in e.schedulers:
             await within(sched.drain(0.0))
         e.client.close()
+        await within(e.bodies.close())
         await within(store.close())
         for server in [e.site, *e.servers]:
             await within(server.stop())
@@ -565,6 +566,92 @@ async def test_response_is_success_with_body_stored(env: Env) -> None:
     assert gone.result.body.size == 0
 
 
+class HeldWriter:
+    """A body writer whose commit waits until the test lets it go (``release``)."""
+
+    def __init__(self, writer: BodyWriter, held: list[Callable[[], None]]) -> None:
+        self.writer = writer
+        self.held = held
+
+    @property
+    def size(self) -> int:
+        return self.writer.size
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+    def commit(self) -> Deferred[BodyInfo]:
+        d: Deferred[BodyInfo] = Deferred()
+
+        def release() -> None:
+            self.writer.commit().chainDeferred(d)
+
+        self.held.append(release)
+        return d
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_job_succeeds_only_once_its_body_is_committed(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job stays ``running`` in the store while its body commit is in flight, and a
+    drain waits for that commit and the save after it."""
+    held: list[Callable[[], None]] = []
+    real = env.bodies.open_writer
+    monkeypatch.setattr(env.bodies, "open_writer", lambda job_id: HeldWriter(real(job_id), held))
+    sched = env.scheduler()
+    job = env.job("/bytes?n=10")
+    await env.add(job)
+    sched.startService()
+    await until(lambda: bool(held), "the commit")
+    await sleep(0.2)
+    assert (await env.get(job)).state is JobState.RUNNING
+    assert not env.bodies.exists(job.id)
+    drained = sched.drain(5.0)
+    await sleep(0.1)
+    assert not drained.called
+    held.pop()()
+    await within(drained)
+    done = await env.get(job)
+    assert done.state is JobState.SUCCEEDED
+    assert done.result is not None
+    assert done.result.body is not None
+    assert done.result.body.size == 10
+    assert env.bodies.exists(job.id)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_body_commit_fails_the_job(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A body that cannot be stored fails its job with ``internal_error`` (not retried,
+    no body), and the scheduler goes on with the next job."""
+    real = env.bodies.open_writer
+    failing = env.job("/bytes?n=10")
+
+    def open_writer(job_id: str) -> BodyWriter:
+        writer = real(job_id)
+        if job_id == failing.id:
+            monkeypatch.setattr(writer, "commit", lambda: fail(OSError(28, "disk full")))
+        return writer
+
+    monkeypatch.setattr(env.bodies, "open_writer", open_writer)
+    sched = env.scheduler(max_concurrency=1)
+    fine = env.job("/bytes?n=20")
+    await env.add(failing, fine)
+    sched.startService()
+    gone = await env.settled(failing)
+    assert gone.state is JobState.FAILED
+    assert gone.error is not None
+    assert gone.error.to_json()["code"] == "internal_error"
+    assert "cannot store the body" in gone.error.message
+    assert not env.bodies.exists(failing.id)
+    assert (await env.settled(fine)).state is JobState.SUCCEEDED
+
+
 # -- cancel ----------------------------------------------------------------------------
 
 
@@ -623,6 +710,83 @@ async def test_busy_host_backlog_does_not_hold_other_hosts(env: Env) -> None:
     assert done.state is JobState.SUCCEEDED
     assert env.log.peak == 1
     assert len(env.log.starts) <= 2  # the backlog still drains one at a time
+
+
+# -- claims ----------------------------------------------------------------------------
+
+
+def record_claims(monkeypatch: pytest.MonkeyPatch, env: Env) -> list[dict[str, Any]]:
+    """The keyword arguments of every store.claim() from now on (``limit`` included)."""
+    calls: list[dict[str, Any]] = []
+    real = env.store.claim
+
+    def claim(limit: int, now: float, skip: Any, **kw: Any) -> Deferred[list[Job]]:
+        calls.append({"limit": limit, **kw})
+        return real(limit, now, skip, **kw)
+
+    monkeypatch.setattr(env.store, "claim", claim)
+    return calls
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_plain_claim_is_used_when_no_cap_can_bind(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With room for ``limit`` jobs on every host (and no per-client cap), the ranked
+    claim could only return what the plain claim does: the plain one is issued."""
+    calls = record_claims(monkeypatch, env)
+    sched = env.scheduler(max_concurrency=4, max_per_host=8)
+    jobs = [env.job(f"/concurrent?s=0&id={i}") for i in range(6)]
+    await env.add(*jobs)
+    sched.startService()
+    for job in jobs:
+        assert (await env.settled(job)).state is JobState.SUCCEEDED
+    assert calls
+    assert all("per_host" not in call for call in calls), calls
+
+
+@pytest_twisted.ensureDeferred
+async def test_ranked_claims_wait_for_enough_free_slots(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When a per-host cap can bind, a slot freed by one transfer does not bring a claim
+    of its own: the claim waits until ``claim_min_free`` slots are free (here all four),
+    so the jobs start in waves of four."""
+    calls = record_claims(monkeypatch, env)
+    sites = [env.site, *(env.other_site() for _ in range(3))]
+    sched = env.scheduler(max_concurrency=4, max_per_host=1, claim_min_free=4, claim_delay=30.0)
+    jobs = [
+        env.job(url=site.url(f"/concurrent?s={0.05 * (1 + n)}&id={wave}"))
+        for wave in range(3)
+        for n, site in enumerate(sites)
+    ]
+    await env.add(*jobs)
+    sched.startService()
+    for job in jobs:
+        assert (await env.settled(job)).state is JobState.SUCCEEDED
+    ranked = [call for call in calls if "per_host" in call]
+    assert [call["limit"] for call in ranked][:3] == [4, 4, 4], calls
+    for site in sites:
+        assert site.root.concurrency.starts == ["0", "1", "2"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_held_back_claim_goes_out_after_claim_delay(env: Env) -> None:
+    """A ranked claim held back for lack of free slots is issued after ``claim_delay``
+    anyway: a job for an idle host starts soon although a long transfer still runs."""
+    other = env.other_site()
+    sched = env.scheduler(max_concurrency=4, max_per_host=1, claim_min_free=4, claim_delay=0.2)
+    long = env.job("/concurrent?s=5&id=long")
+    await env.add(long)
+    sched.startService()
+    await until(lambda: env.log.active == 1, "the long transfer")
+    quick = env.job(url=other.url("/concurrent?s=0&id=quick"))
+    await env.add(quick)
+    sched.wake()
+    started = time.monotonic()
+    assert (await env.settled(quick, 3.0)).state is JobState.SUCCEEDED
+    assert time.monotonic() - started < 2.0
+    assert env.log.active == 1  # the long one still runs
 
 
 # -- drain -----------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""``SQLiteJobStore`` against a real SQLite file in ``tmp_path``, on the real reactor."""
+"""The job store on the real reactor, each test against both backends (``store`` and
+``backend`` fixtures): SQLite in ``tmp_path``, PostgreSQL in a throwaway schema. The
+SQLite-only ones (WAL, the file surviving a crash) say so."""
 
 from __future__ import annotations
 
@@ -14,11 +16,14 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, utils
 
+from service import store_pg, store_sqlite
 from service.jobs import BodyInfo, Job, JobError, JobResult, JobState
 from service.store import JobStore
+from service.store_pg import PostgresJobStore
 from service.store_sqlite import SchemaVersionError, SQLiteJobStore, StoreClosedError
 
-from .conftest import db_path, make_job, open_store, reactor, within
+from .backends import AnyStore, Backend
+from .conftest import db_path, make_job, open_backend, open_store, reactor, within
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 T0 = 1_700_000_000.0
@@ -28,24 +33,21 @@ def finished(job: Job, state: JobState, at: float, **changes: Any) -> Job:
     return attrs.evolve(job, state=state, finished_at=at, **changes)
 
 
-def schema_versions(path: str) -> list[int]:
-    with sqlite3.connect(path) as conn:
-        return [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY 1")]
-
-
 def test_implements_the_job_store_protocol(tmp_path: Path) -> None:
-    """SQLiteJobStore is a JobStore (mypy checks the assignment), and constructing one
-    touches nothing until open()."""
+    """Both stores are JobStores (mypy checks the assignments), and constructing one
+    touches nothing until open() (no file; no connection to an unreachable server)."""
     store: JobStore = SQLiteJobStore(reactor(), db_path(tmp_path))
     assert store.queued() == 0
     assert not os.path.exists(db_path(tmp_path))
+    pg: JobStore = PostgresJobStore(reactor(), "postgresql://127.0.0.1:1/none", "i")
+    assert pg.queued() == 0
 
 
 # -- add, get, list ---------------------------------------------------------------------
 
 
 @pytest_twisted.ensureDeferred
-async def test_add_then_get_round_trips_every_field(store: SQLiteJobStore) -> None:
+async def test_add_then_get_round_trips_every_field(store: AnyStore) -> None:
     """A job reads back equal to what was added: spec (body bytes, headers, retry,
     deadline), metadata, timestamps."""
     job = make_job(
@@ -65,7 +67,7 @@ async def test_add_then_get_round_trips_every_field(store: SQLiteJobStore) -> No
 
 
 @pytest_twisted.ensureDeferred
-async def test_reads_see_writes_made_before_them(store: SQLiteJobStore) -> None:
+async def test_reads_see_writes_made_before_them(store: AnyStore) -> None:
     """Calls apply in call order: a get() issued right after add(), without waiting for
     add() to fire, already sees the job."""
     job = make_job()
@@ -76,7 +78,7 @@ async def test_reads_see_writes_made_before_them(store: SQLiteJobStore) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_list_is_newest_first_with_a_cursor(store: SQLiteJobStore) -> None:
+async def test_list_is_newest_first_with_a_cursor(store: AnyStore) -> None:
     """list_jobs pages newest first; ``before_id`` continues after the last page's last
     id, and ``state`` filters."""
     jobs = [make_job(created_at=T0 + i) for i in range(5)]
@@ -98,7 +100,7 @@ async def test_list_is_newest_first_with_a_cursor(store: SQLiteJobStore) -> None
 
 
 @pytest_twisted.ensureDeferred
-async def test_clients_cannot_see_or_cancel_each_others_jobs(store: SQLiteJobStore) -> None:
+async def test_clients_cannot_see_or_cancel_each_others_jobs(store: AnyStore) -> None:
     """Another client's job is unknown to get, list and cancel, and stays as it was."""
     job = make_job("alice")
     await within(store.add([job]))
@@ -110,7 +112,7 @@ async def test_clients_cannot_see_or_cancel_each_others_jobs(store: SQLiteJobSto
 
 
 @pytest_twisted.ensureDeferred
-async def test_add_only_takes_queued_jobs(store: SQLiteJobStore) -> None:
+async def test_add_only_takes_queued_jobs(store: AnyStore) -> None:
     """add() refuses a job that is not queued, before touching the database."""
     job = attrs.evolve(make_job(), state=JobState.RUNNING)
     with pytest.raises(ValueError, match="not queued"):
@@ -122,7 +124,7 @@ async def test_add_only_takes_queued_jobs(store: SQLiteJobStore) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_claim_takes_highest_priority_first_then_fifo(store: SQLiteJobStore) -> None:
+async def test_claim_takes_highest_priority_first_then_fifo(store: AnyStore) -> None:
     """Claims come in priority order, and in insertion order within a priority, even for
     jobs created in the same millisecond, whose ids sort in any order (here: reversed)."""
     low = make_job(priority=-1)
@@ -137,7 +139,7 @@ async def test_claim_takes_highest_priority_first_then_fifo(store: SQLiteJobStor
 
 
 @pytest_twisted.ensureDeferred
-async def test_claim_marks_running_and_counts_the_attempt(store: SQLiteJobStore) -> None:
+async def test_claim_marks_running_and_counts_the_attempt(store: AnyStore) -> None:
     """A claimed job is running, with attempts + 1 and started_at = now, as returned and
     as stored; it is not claimed twice, and queued() drops."""
     jobs = [make_job() for _ in range(3)]
@@ -157,7 +159,7 @@ async def test_claim_marks_running_and_counts_the_attempt(store: SQLiteJobStore)
 
 
 @pytest_twisted.ensureDeferred
-async def test_claim_waits_for_not_before(store: SQLiteJobStore) -> None:
+async def test_claim_waits_for_not_before(store: AnyStore) -> None:
     """A job with ``not_before`` in the future is not claimed until then."""
     job = make_job(not_before=T0 + 100)
     await within(store.add([job]))
@@ -166,7 +168,7 @@ async def test_claim_waits_for_not_before(store: SQLiteJobStore) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_claim_skips_busy_hosts(store: SQLiteJobStore) -> None:
+async def test_claim_skips_busy_hosts(store: AnyStore) -> None:
     """Jobs whose host:port is in ``skip_hosts`` stay queued; other ports of the same
     host name are other hosts."""
     a80 = make_job(url="http://a.test/", priority=9)
@@ -181,7 +183,7 @@ async def test_claim_skips_busy_hosts(store: SQLiteJobStore) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_claim_caps_each_host(store: SQLiteJobStore) -> None:
+async def test_claim_caps_each_host(store: AnyStore) -> None:
     """With ``per_host``, one host's backlog cannot fill a claim: each host yields at most
     its room (``host_room`` for busy hosts, else the cap), in priority-then-FIFO order, and
     the claim still honours ``limit`` across hosts."""
@@ -198,11 +200,29 @@ async def test_claim_caps_each_host(store: SQLiteJobStore) -> None:
     assert [j.id for j in claimed] == [a[1].id, a[2].id, a[3].id]
 
 
+@pytest_twisted.ensureDeferred
+async def test_capped_claims_look_past_a_long_backlog(store: AnyStore) -> None:
+    """Jobs queued behind hundreds of jobs of a host (or a client) that has no room are
+    still claimed, in order, up to their hosts' rooms: the backlog holds nobody back."""
+    backlog = [make_job("alice", url="http://a.test/") for _ in range(600)]
+    b = [make_job("bob", url="http://b.test/") for _ in range(3)]
+    c = [make_job("carol", url="http://c.test/") for _ in range(3)]
+    await within(store.add([*backlog, *b, *c]))
+
+    claimed = await within(store.claim(10, T0, (), per_host=2))
+    expected = [backlog[0], backlog[1], b[0], b[1], c[0], c[1]]
+    assert [j.id for j in claimed] == [j.id for j in expected]
+    claimed = await within(
+        store.claim(10, T0, (), per_host=2, per_client=5, client_room={"alice": 0, "bob": 1})
+    )
+    assert [j.id for j in claimed] == [b[2].id, c[2].id]
+
+
 # -- save and batching ------------------------------------------------------------------
 
 
 @pytest_twisted.ensureDeferred
-async def test_saves_in_one_reactor_turn_share_one_transaction(store: SQLiteJobStore) -> None:
+async def test_saves_in_one_reactor_turn_share_one_transaction(store: AnyStore) -> None:
     """Several save() calls made in the same reactor turn commit as one transaction."""
     await within(store.add([make_job() for _ in range(4)]))
     claimed = await within(store.claim(4, T0, ()))
@@ -218,7 +238,7 @@ async def test_saves_in_one_reactor_turn_share_one_transaction(store: SQLiteJobS
 
 @pytest_twisted.ensureDeferred
 async def test_calls_in_one_turn_apply_in_call_order_in_one_transaction(
-    store: SQLiteJobStore,
+    store: AnyStore,
 ) -> None:
     """An add, a save (a retry) and a claim made in the same turn commit together, in
     call order: the claim already sees the new job and the requeued one."""
@@ -240,7 +260,7 @@ async def test_calls_in_one_turn_apply_in_call_order_in_one_transaction(
 
 
 @pytest_twisted.ensureDeferred
-async def test_adding_a_batch_of_500_is_one_transaction(store: SQLiteJobStore) -> None:
+async def test_adding_a_batch_of_500_is_one_transaction(store: AnyStore) -> None:
     """add() of 500 jobs is a single transaction."""
     before = store.transactions
     await within(store.add([make_job() for _ in range(500)]))
@@ -249,7 +269,7 @@ async def test_adding_a_batch_of_500_is_one_transaction(store: SQLiteJobStore) -
 
 
 @pytest_twisted.ensureDeferred
-async def test_save_stores_results_errors_and_retries(store: SQLiteJobStore) -> None:
+async def test_save_stores_results_errors_and_retries(store: AnyStore) -> None:
     """A finished job keeps its result or error; a job saved back as queued with a later
     ``not_before`` is claimable again from then, with its attempts counted."""
     ok, retry = [make_job(), make_job()]
@@ -283,7 +303,7 @@ async def test_save_stores_results_errors_and_retries(store: SQLiteJobStore) -> 
 
 
 @pytest_twisted.ensureDeferred
-async def test_save_leaves_a_job_cancelled_while_it_ran(store: SQLiteJobStore) -> None:
+async def test_save_leaves_a_job_cancelled_while_it_ran(store: AnyStore) -> None:
     """save() only updates jobs that are still running: a cancel that came in while the
     job ran wins, and the skipped save is counted."""
     await within(store.add([make_job()]))
@@ -298,7 +318,7 @@ async def test_save_leaves_a_job_cancelled_while_it_ran(store: SQLiteJobStore) -
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_failing_call_fails_alone(store: SQLiteJobStore) -> None:
+async def test_a_failing_call_fails_alone(backend: Backend, store: AnyStore) -> None:
     """In a shared transaction, a call that fails (a duplicate id) is rolled back by
     itself; the calls beside it commit."""
     first = make_job()
@@ -306,7 +326,7 @@ async def test_a_failing_call_fails_alone(store: SQLiteJobStore) -> None:
     other = make_job()
     duplicate = store.add([make_job(), first])  # the first job is new, the second is not
     good = store.add([other])
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(backend.integrity_error):
         await within(duplicate)
     await within(good)
     counts = await within(store.counts())
@@ -318,7 +338,7 @@ async def test_a_failing_call_fails_alone(store: SQLiteJobStore) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_cancel_semantics(store: SQLiteJobStore) -> None:
+async def test_cancel_semantics(store: AnyStore) -> None:
     """Queued and running jobs become cancelled at ``now``; a terminal job comes back
     unchanged; an unknown id gives None."""
     queued, running = make_job(), make_job()
@@ -340,7 +360,7 @@ async def test_cancel_semantics(store: SQLiteJobStore) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_counts_every_state(store: SQLiteJobStore) -> None:
+async def test_counts_every_state(store: AnyStore) -> None:
     """counts() has every state, zero included."""
     assert await within(store.counts()) == dict.fromkeys(JobState, 0)
     await within(store.add([make_job() for _ in range(5)]))
@@ -359,7 +379,7 @@ async def test_counts_every_state(store: SQLiteJobStore) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_purge_deletes_terminal_jobs_finished_before_the_cutoff(
-    store: SQLiteJobStore,
+    store: AnyStore,
 ) -> None:
     """purge() deletes terminal jobs that finished before the cutoff and returns their
     ids; newer terminal jobs and unfinished jobs, however old, stay."""
@@ -389,11 +409,10 @@ async def test_purge_deletes_terminal_jobs_finished_before_the_cutoff(
 
 
 @pytest_twisted.ensureDeferred
-async def test_queued_count_follows_every_write(tmp_path: Path) -> None:
+async def test_queued_count_follows_every_write(backend: Backend) -> None:
     """queued() equals the stored count of queued jobs after adds, claims, retries,
     cancels and a reopen."""
-    path = db_path(tmp_path)
-    store = await open_store(path)
+    store = await open_backend(backend)
 
     async def check() -> None:
         assert store.queued() == (await within(store.counts()))[JobState.QUEUED]
@@ -410,7 +429,7 @@ async def test_queued_count_follows_every_write(tmp_path: Path) -> None:
     await check()
     await within(store.close())
 
-    store = await open_store(path)  # two jobs were left running: requeued
+    store = await open_backend(backend)  # two jobs were left running: requeued
     await check()
     assert store.queued() == 8
     await within(store.close())
@@ -420,16 +439,16 @@ async def test_queued_count_follows_every_write(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_open_requeues_jobs_left_running(tmp_path: Path) -> None:
+async def test_open_requeues_jobs_left_running(backend: Backend) -> None:
     """Jobs a previous process left running are queued again on open (at-least-once),
-    keeping their attempt count; open() fires with how many."""
-    path = db_path(tmp_path)
-    first = await open_store(path)
+    keeping their attempt count; open() fires with how many. (PostgreSQL: the previous
+    process had the same instance id; other instances' jobs wait for their lease.)"""
+    first = await open_backend(backend)
     await within(first.add([make_job() for _ in range(3)]))
     claimed = await within(first.claim(2, T0, ()))
     await within(first.close())
 
-    second = SQLiteJobStore(reactor(), path)
+    second = backend.new()
     assert await within(second.open()) == 2
     try:
         for job in claimed:
@@ -442,11 +461,10 @@ async def test_open_requeues_jobs_left_running(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_schema_migration_is_idempotent(tmp_path: Path) -> None:
-    """Opening again (the same store after close, then a second store on the same file)
-    applies no migration twice and keeps the data."""
-    path = db_path(tmp_path)
-    store = await open_store(path)
+async def test_schema_migration_is_idempotent(backend: Backend) -> None:
+    """Opening again (the same store after close, then a second store on the same
+    database) applies no migration twice and keeps the data."""
+    store = await open_backend(backend)
     job = make_job()
     await within(store.add([job]))
     await within(store.close())
@@ -455,23 +473,22 @@ async def test_schema_migration_is_idempotent(tmp_path: Path) -> None:
     assert await within(store.get("alice", job.id)) == job
     await within(store.close())
 
-    other = await open_store(path)
+    other = await open_backend(backend, instance_id="other")
     assert await within(other.get("alice", job.id)) == job
     await within(other.close())
-    assert schema_versions(path) == [1]
+    migrations = store_pg.MIGRATIONS if backend.pg else store_sqlite.MIGRATIONS
+    assert backend.schema_versions() == list(range(1, len(migrations) + 1))
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+async def test_a_newer_schema_is_refused(backend: Backend) -> None:
     """A database migrated by a newer version is not touched; the failed open leaves
     no thread behind and the store closed."""
-    path = db_path(tmp_path)
-    await within((await open_store(path)).close())
-    with sqlite3.connect(path) as conn:
-        conn.execute("INSERT INTO schema_version VALUES (99, 0)")
+    await within((await open_backend(backend)).close())
+    backend.add_schema_version(99)
     threads = set(threading.enumerate())
 
-    store = SQLiteJobStore(reactor(), path)
+    store = backend.new()
     with pytest.raises(SchemaVersionError):
         await within(store.open())
     assert set(threading.enumerate()) <= threads
@@ -480,15 +497,16 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_open_twice_is_an_error(store: SQLiteJobStore) -> None:
+async def test_open_twice_is_an_error(store: AnyStore) -> None:
     """A second open() of an open store fails instead of requeueing its running jobs."""
     with pytest.raises(RuntimeError, match="already open"):
         await within(store.open())
 
 
 @pytest_twisted.ensureDeferred
-async def test_database_runs_in_wal_mode_with_full_sync(store: SQLiteJobStore) -> None:
-    """The file is in WAL mode, and the store's connection fsyncs every commit."""
+async def test_database_runs_in_wal_mode_with_full_sync(tmp_path: Path) -> None:
+    """SQLite: the file is in WAL mode, and the store's connection fsyncs every commit."""
+    store = await open_store(db_path(tmp_path))
     with sqlite3.connect(store.path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert store._pool is not None
@@ -496,18 +514,18 @@ async def test_database_runs_in_wal_mode_with_full_sync(store: SQLiteJobStore) -
         store._pool.runWithConnection(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
     )
     assert sync == 2  # FULL
+    await within(store.close())
 
 
 # -- close, durability ------------------------------------------------------------------
 
 
 @pytest_twisted.ensureDeferred
-async def test_close_flushes_pending_writes_and_stops_the_thread(tmp_path: Path) -> None:
-    """close() commits writes still waiting for their turn, then stops the pool's thread;
-    later calls fail with StoreClosedError."""
-    path = db_path(tmp_path)
+async def test_close_flushes_pending_writes_and_stops_the_thread(backend: Backend) -> None:
+    """close() commits writes still waiting for their turn, then stops the pool's threads
+    (PostgreSQL: the NOTIFY listener's too); later calls fail with StoreClosedError."""
     threads = set(threading.enumerate())
-    store = await open_store(path)
+    store = await open_backend(backend)
     job = make_job()
     added = store.add([job])
     await within(store.close())
@@ -519,20 +537,20 @@ async def test_close_flushes_pending_writes_and_stops_the_thread(tmp_path: Path)
     with pytest.raises(StoreClosedError):
         await within(store.ping())
 
-    reopened = await open_store(path)
+    reopened = await open_backend(backend)
     assert await within(reopened.get("alice", job.id)) == job
     await reopened.close()
 
 
 @pytest_twisted.ensureDeferred
-async def test_ping(store: SQLiteJobStore) -> None:
+async def test_ping(store: AnyStore) -> None:
     """ping() succeeds on an open store."""
     await within(store.ping())
 
 
 @pytest_twisted.ensureDeferred
 async def test_added_job_survives_the_process_exiting_at_once(tmp_path: Path) -> None:
-    """Once add() has fired the job is on disk: a process that exits right then (no
+    """SQLite: once add() has fired the job is on disk: a process that exits right then (no
     close, no checkpoint) leaves it for the next open."""
     path = db_path(tmp_path)
     out, err, code = await within(

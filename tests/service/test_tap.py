@@ -3,6 +3,7 @@ plugin, JSON logging, and the service tree's start, stop and retention purge."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from pathlib import Path
@@ -285,6 +286,18 @@ def test_make_service_builds_the_tree_in_start_order(tmp_path: Path) -> None:
         root.getServiceNamed("engine").stopService()  # closes the client
 
 
+def test_make_service_tunes_the_garbage_collector(tmp_path: Path) -> None:
+    """makeService raises the collector's thresholds (see ``tune_gc``)."""
+    before = gc.get_threshold()
+    options = parse([f"--data-dir={tmp_path}/data", "--listen=tcp:0:interface=127.0.0.1"])
+    root = tap.makeService(options)
+    try:
+        assert gc.get_threshold() == tap.GC_THRESHOLDS
+    finally:
+        gc.set_threshold(*before)
+        root.getServiceNamed("engine").stopService()
+
+
 def _config(tmp_path: Path, **changes: Any) -> tap.Config:
     return attrs.evolve(
         tap.Config(data_dir=str(tmp_path / "data"), listen="tcp:0:interface=127.0.0.1"),
@@ -308,6 +321,7 @@ async def test_start_opens_the_store_before_listening_and_stop_closes_it(
     assert not any(child.running for child in root)
     assert root.api.draining
     assert root.scheduler._client.closed
+    assert root.scheduler._bodies._pool is None  # type: ignore[attr-defined]
     with pytest.raises(StoreClosedError):
         await store.ping()
 
@@ -351,7 +365,7 @@ async def test_retention_purges_old_finished_jobs_and_their_bodies(tmp_path: Pat
     newer and unfinished jobs stay."""
     store = SQLiteJobStore(reactor(), tmp_path / "jobs.sqlite3")
     await within(store.open())
-    bodies = DirectoryBodyStore(tmp_path / "bodies")
+    bodies = DirectoryBodyStore(reactor(), tmp_path / "bodies")
     try:
         now = reactor().seconds()
         old, recent, queued = make_job(), make_job(), make_job()
@@ -368,7 +382,7 @@ async def test_retention_purges_old_finished_jobs_and_their_bodies(tmp_path: Pat
         for job in (old, recent):
             writer = bodies.open_writer(job.id)
             writer.write(b"body")
-            writer.commit()
+            await within(writer.commit())
         retention = tap.RetentionService(reactor(), store=store, bodies=bodies, retention=3600)
         await within(retention.purge())
         assert await within(store.get("alice", old.id)) is None
@@ -377,4 +391,5 @@ async def test_retention_purges_old_finished_jobs_and_their_bodies(tmp_path: Pat
         assert bodies.exists(recent.id)
         assert await within(store.get("alice", queued.id)) is not None
     finally:
+        await within(bodies.close())
         await within(store.close())
