@@ -43,7 +43,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
-from .jobs import Job, JobError, JobResult, JobState, spec_from_stored
+from .jobs import Job, JobState
 from .store import (
     IDEMPOTENCY_ABANDONED_AFTER,
     IDEMPOTENCY_TTL,
@@ -52,6 +52,9 @@ from .store import (
     IdempotencyRecord,
     StoredResponse,
 )
+from .store_rows import dumps as _dumps
+from .store_rows import insert_row as _row
+from .store_rows import job_from_row as _job
 
 T = TypeVar("T")
 
@@ -769,30 +772,6 @@ def _checkpoint(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
 
-def _dumps(value: object) -> str:
-    return json.dumps(value, separators=(",", ":"))
-
-
-def _row(job: Job) -> tuple[object, ...]:
-    spec = job.spec
-    return (
-        job.id,
-        job.client,
-        job.state.value,
-        spec.priority,
-        spec.host,
-        job.created_at,
-        job.not_before,
-        job.started_at,
-        job.finished_at,
-        job.attempts,
-        _dumps(spec.to_json()),
-        None if spec.metadata is None else _dumps(spec.metadata),
-        None if job.result is None else _dumps(job.result.to_json()),
-        None if job.error is None else _dumps(job.error.to_json()),
-    )
-
-
 def _save_row(job: Job) -> tuple[object, ...]:
     return (
         job.state.value,
@@ -803,35 +782,4 @@ def _save_row(job: Job) -> tuple[object, ...]:
         None if job.result is None else _dumps(job.result.to_json()),
         None if job.error is None else _dumps(job.error.to_json()),
         job.id,
-    )
-
-
-def _job(row: Sequence[Any]) -> Job:
-    (
-        _seq,
-        job_id,
-        client,
-        state,
-        created_at,
-        not_before,
-        started_at,
-        finished_at,
-        attempts,
-        spec,
-        metadata,
-        result,
-        error,
-    ) = row
-    return Job(
-        id=job_id,
-        client=client,
-        state=JobState(state),
-        spec=spec_from_stored(json.loads(spec), None if metadata is None else json.loads(metadata)),
-        created_at=created_at,
-        attempts=attempts,
-        not_before=not_before,
-        started_at=started_at,
-        finished_at=finished_at,
-        result=None if result is None else JobResult.from_json(json.loads(result)),
-        error=None if error is None else JobError.from_json(json.loads(error)),
     )

@@ -192,24 +192,26 @@ class _Transfer:
             self.error = e
             return _READFUNC_ABORT
 
-    def write_capped(self, data: bytes) -> int | None:
+    def _over_cap(self, data: bytes) -> bool:
+        """Count ``data``; past ``max_body_bytes`` record BodyTooLargeError and say so."""
         received = self.received + len(data)
         limit = self.request.max_body_bytes
         if limit is not None and received > limit:
             self.error = BodyTooLargeError(63, f"body passed max_body_bytes={limit}")
-            return 0
+            return True
         self.received = received
+        return False
+
+    def write_capped(self, data: bytes) -> int | None:
+        if self._over_cap(data):
+            return 0
         assert self.chunks is not None
         self.chunks.append(data)
         return None
 
     def write_file(self, data: bytes) -> int | None:
-        received = self.received + len(data)
-        limit = self.request.max_body_bytes
-        if limit is not None and received > limit:
-            self.error = BodyTooLargeError(63, f"body passed max_body_bytes={limit}")
+        if self._over_cap(data):
             return 0
-        self.received = received
         assert self.body_file is not None
         try:
             self.body_file.write(data)
@@ -224,12 +226,8 @@ class _Transfer:
         if self.paused:
             # Refuse without consuming: curl keeps the chunk and redelivers it on resume.
             return _WRITEFUNC_PAUSE
-        received = self.received + len(data)
-        limit = self.request.max_body_bytes
-        if limit is not None and received > limit:
-            self.error = BodyTooLargeError(63, f"body passed max_body_bytes={limit}")
+        if self._over_cap(data):
             return 0
-        self.received = received
         assert self.consumer is not None
         try:
             self.consumer.write(data)
