@@ -83,13 +83,12 @@ from twisted.python.threadpool import ThreadPool
 
 from .jobs import Job, JobState
 from .store import (
-    IDEMPOTENCY_ABANDONED_AFTER,
     IDEMPOTENCY_TTL,
     IdempotencyInProgressError,
-    IdempotencyMismatchError,
     IdempotencyRecord,
     StoredResponse,
 )
+from .store_rows import QueuedCounts, judge_key
 from .store_rows import dumps as _dumps
 from .store_rows import insert_row as _row
 from .store_rows import job_from_row as _job
@@ -421,8 +420,7 @@ class PostgresJobStore:
         self._pool: ThreadPool | None = None
         self._conn: Conn | None = None  # used in the pool's thread only
         self._closing = False
-        self._queued = 0
-        self._queued_by: dict[str, int] = {}
+        self._counts = QueuedCounts()
         self._pending: list[_Op] = []
         self._flush_call: IDelayedCall | None = None
         self._in_flight = False
@@ -473,8 +471,7 @@ class PostgresJobStore:
                 self._read_pool = None
             raise
         self.schema = schema
-        self._queued = sum(queued.values())
-        self._queued_by = dict(queued)
+        self._counts.reset(queued)
         self._start_listener()
         for interval, tick in (
             (self.lease_seconds / 3, self._heartbeat),
@@ -721,10 +718,9 @@ class PostgresJobStore:
                 value = outcome.value
                 if op.recount and outcome.ok:
                     value, counts = value
-                    self._queued_by = dict(counts)
-                    self._queued = sum(counts.values())
+                    self._counts.reset(counts)
                 else:
-                    self._count_queued(outcome.queued_delta)
+                    self._counts.apply(outcome.queued_delta)
                 if op.deferred.called:  # cancelled by its caller; the write still happened
                     continue
                 if outcome.ok:
@@ -737,16 +733,6 @@ class PostgresJobStore:
             self._dispatch(self._parked.popleft())
         self._schedule()
         self._check_idle()
-
-    def _count_queued(self, delta: _Delta) -> None:
-        by = self._queued_by
-        for client, change in delta.items():
-            self._queued += change
-            left = by.get(client, 0) + change
-            if left:
-                by[client] = left
-            else:
-                by.pop(client, None)
 
     # -- heartbeat, reaper, counters -------------------------------------------------------
 
@@ -880,24 +866,9 @@ class PostgresJobStore:
                     if inserted is not None:
                         return None, _NONE
                     continue  # another instance inserted it just now: read it
-                stored_fp, state, holder, created_at, status, headers, body = row
-                expired = created_at <= now - IDEMPOTENCY_TTL
-                abandoned = (
-                    state == "reserved"
-                    and holder != owner
-                    and created_at <= now - IDEMPOTENCY_ABANDONED_AFTER
-                )
-                if not (expired or abandoned):
-                    if stored_fp != fingerprint:
-                        raise IdempotencyMismatchError(
-                            f"Idempotency-Key {key!r} was used with another request body"
-                        )
-                    if state == "reserved":
-                        raise IdempotencyInProgressError(
-                            f"the request with Idempotency-Key {key!r} is still in progress"
-                        )
-                    pairs = tuple((str(n), str(v)) for n, v in json.loads(headers))
-                    return StoredResponse(status, pairs, bytes(body)), _NONE
+                stored = judge_key(row, key, fingerprint, owner, now)
+                if stored is not None:
+                    return stored, _NONE
                 conn.execute(_KEY_TAKE_OVER, (fingerprint, owner, now, client, key))
                 return None, _NONE
             raise IdempotencyInProgressError(
@@ -1090,10 +1061,10 @@ class PostgresJobStore:
         return self._read(counts)
 
     def queued(self) -> int:
-        return self._queued
+        return self._counts.total
 
     def queued_for(self, client: str) -> int:
-        return self._queued_by.get(client, 0)
+        return self._counts.for_client(client)
 
     def purge(self, finished_before: float) -> Deferred[list[str]]:
         """Also drops Idempotency-Keys older than ``IDEMPOTENCY_TTL`` by the reactor's

@@ -1,13 +1,21 @@
-"""How a ``Job`` becomes a row and back, shared by the SQLite and PostgreSQL stores so
-both read and write exactly the same columns (spec, metadata, result and error as JSON)."""
+"""What the SQLite and PostgreSQL stores share below SQL: how a ``Job`` becomes a row and
+back (spec, metadata, result and error as JSON), how a stored Idempotency-Key is judged,
+and the queued-job counters, so both backends behave exactly alike."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .jobs import Job, JobError, JobResult, JobState, spec_from_stored
+from .store import (
+    IDEMPOTENCY_ABANDONED_AFTER,
+    IDEMPOTENCY_TTL,
+    IdempotencyInProgressError,
+    IdempotencyMismatchError,
+    StoredResponse,
+)
 
 
 def dumps(value: object) -> str:
@@ -63,3 +71,59 @@ def job_from_row(row: Sequence[Any]) -> Job:
         result=None if result is None else JobResult.from_json(json.loads(result)),
         error=None if error is None else JobError.from_json(json.loads(error)),
     )
+
+
+def judge_key(
+    row: Sequence[Any], key: str, fingerprint: str, owner: str, now: float
+) -> StoredResponse | None:
+    """Decide on an existing Idempotency-Key row: the recorded response to replay, or None
+    when the key is free to (re)take (expired, or another process's reservation that was
+    abandoned); raises for another body (422) or a reservation still in progress (409).
+    Our own reservations are never taken over, so a slow ``add`` cannot race a second."""
+    stored_fp, state, holder, created_at, status, headers, body = row
+    expired = created_at <= now - IDEMPOTENCY_TTL
+    abandoned = (
+        state == "reserved" and holder != owner and created_at <= now - IDEMPOTENCY_ABANDONED_AFTER
+    )
+    if expired or abandoned:
+        return None
+    if stored_fp != fingerprint:
+        raise IdempotencyMismatchError(
+            f"Idempotency-Key {key!r} was used with another request body"
+        )
+    if state == "reserved":
+        raise IdempotencyInProgressError(
+            f"the request with Idempotency-Key {key!r} is still in progress"
+        )
+    pairs = tuple((str(n), str(v)) for n, v in json.loads(headers))
+    return StoredResponse(status, pairs, bytes(body))
+
+
+class QueuedCounts:
+    """Queued jobs in all and per client, as of the last committed write: cheap enough for
+    the API's backpressure and quota checks on every submission."""
+
+    __slots__ = ("by_client", "total")
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.by_client: dict[str, int] = {}
+
+    def reset(self, counts: Mapping[str, int]) -> None:
+        """Take fresh counts read from the database."""
+        self.by_client = {client: n for client, n in counts.items() if n}
+        self.total = sum(self.by_client.values())
+
+    def apply(self, delta: Mapping[str, int]) -> None:
+        """Add one committed write's change per client."""
+        by = self.by_client
+        for client, change in delta.items():
+            self.total += change
+            left = by.get(client, 0) + change
+            if left:
+                by[client] = left
+            else:
+                by.pop(client, None)
+
+    def for_client(self, client: str) -> int:
+        return self.by_client.get(client, 0)

@@ -45,13 +45,12 @@ from twisted.python.failure import Failure
 
 from .jobs import Job, JobState
 from .store import (
-    IDEMPOTENCY_ABANDONED_AFTER,
     IDEMPOTENCY_TTL,
     IdempotencyInProgressError,
-    IdempotencyMismatchError,
     IdempotencyRecord,
     StoredResponse,
 )
+from .store_rows import QueuedCounts, judge_key
 from .store_rows import dumps as _dumps
 from .store_rows import insert_row as _row
 from .store_rows import job_from_row as _job
@@ -284,8 +283,7 @@ class SQLiteJobStore:
         self._reactor = reactor
         self._pool: _Pool | None = None
         self._closing = False
-        self._queued = 0
-        self._queued_by: dict[str, int] = {}
+        self._counts = QueuedCounts()
         self._pending: list[_Op] = []
         self._flush_call: IDelayedCall | None = None
         self._in_flight = False
@@ -319,8 +317,7 @@ class SQLiteJobStore:
 
         def opened(result: tuple[int, dict[str, int]]) -> int:
             recovered, queued = result
-            self._queued = sum(queued.values())
-            self._queued_by = queued
+            self._counts.reset(queued)
             return recovered
 
         def failed(failure: Failure) -> Failure:
@@ -415,7 +412,7 @@ class SQLiteJobStore:
         else:
             self.transactions += 1
             for outcome in result:
-                self._count_queued(outcome.queued_delta)
+                self._counts.apply(outcome.queued_delta)
             for op, outcome in zip(ops, result, strict=True):
                 if op.deferred.called:  # cancelled by its caller; the write still happened
                     continue
@@ -428,16 +425,6 @@ class SQLiteJobStore:
             waiters, self._idle_waiters = self._idle_waiters, []
             for w in waiters:
                 w.callback(None)
-
-    def _count_queued(self, delta: _Delta) -> None:
-        by = self._queued_by
-        for client, change in delta.items():
-            self._queued += change
-            left = by.get(client, 0) + change
-            if left:
-                by[client] = left
-            else:
-                by.pop(client, None)
 
     # -- the JobStore interface ------------------------------------------------------------
 
@@ -464,24 +451,9 @@ class SQLiteJobStore:
         def reserve(conn: sqlite3.Connection) -> tuple[StoredResponse | None, _Delta]:
             row = conn.execute(_KEY_GET, (client, key)).fetchone()
             if row is not None:
-                stored_fp, state, holder, created_at, status, headers, body = row
-                expired = created_at <= now - IDEMPOTENCY_TTL
-                abandoned = (
-                    state == "reserved"
-                    and holder != owner
-                    and created_at <= now - IDEMPOTENCY_ABANDONED_AFTER
-                )
-                if not (expired or abandoned):
-                    if stored_fp != fingerprint:
-                        raise IdempotencyMismatchError(
-                            f"Idempotency-Key {key!r} was used with another request body"
-                        )
-                    if state == "reserved":
-                        raise IdempotencyInProgressError(
-                            f"the request with Idempotency-Key {key!r} is still in progress"
-                        )
-                    pairs = tuple((str(n), str(v)) for n, v in json.loads(headers))
-                    return StoredResponse(status, pairs, bytes(body)), _NONE
+                stored = judge_key(row, key, fingerprint, owner, now)
+                if stored is not None:
+                    return stored, _NONE
             conn.execute(_KEY_RESERVE, (client, key, fingerprint, owner, now))
             return None, _NONE
 
@@ -640,10 +612,10 @@ class SQLiteJobStore:
         return self._submit(counts, write=False)
 
     def queued(self) -> int:
-        return self._queued
+        return self._counts.total
 
     def queued_for(self, client: str) -> int:
-        return self._queued_by.get(client, 0)
+        return self._counts.for_client(client)
 
     def purge(self, finished_before: float) -> Deferred[list[str]]:
         """Also drops Idempotency-Keys older than ``IDEMPOTENCY_TTL`` by the reactor's

@@ -360,6 +360,21 @@ class _RawHTTP(protocol.Protocol):
             self.done.callback(self.data)
 
 
+async def raw_exchange(reactor: Any, port: int, request: bytes) -> tuple[bytes, bytes]:
+    """Send ``request`` as raw bytes to the API on 127.0.0.1:``port``; return the
+    response's head and body (for what an HTTP client library would not send)."""
+    endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    raw = _RawHTTP(request)
+    await endpoints.connectProtocol(endpoint, raw)
+    try:
+        data = await raw.done.addTimeout(5, reactor)
+    finally:
+        assert raw.transport is not None
+        raw.transport.loseConnection()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head, body
+
+
 @pytest_twisted.ensureDeferred
 async def test_oversize_content_length_is_413_before_the_body_is_sent(
     services: ServiceFactory,
@@ -367,19 +382,13 @@ async def test_oversize_content_length_is_413_before_the_body_is_sent(
     """A Content-Length over the cap is answered 413 JSON (Connection: close) right after
     the headers: the client never sends a byte of the body."""
     service = await services(max_request_bytes=64 * 1024)
-    endpoint = endpoints.TCP4ClientEndpoint(service.reactor, "127.0.0.1", service.port_number)
-    raw = _RawHTTP(
+    head, body = await raw_exchange(
+        service.reactor,
+        service.port_number,
         b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         b"Content-Type: application/json\r\nContent-Length: 1000000000\r\n"
-        b"Expect: 100-continue\r\n\r\n"
+        b"Expect: 100-continue\r\n\r\n",
     )
-    await endpoints.connectProtocol(endpoint, raw)
-    try:
-        data = await raw.done.addTimeout(5, service.reactor)
-    finally:
-        assert raw.transport is not None
-        raw.transport.loseConnection()
-    head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413 "), head
     assert b"100 Continue" not in head
     assert b"connection: close" in head.lower()

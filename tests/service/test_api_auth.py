@@ -9,14 +9,13 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import endpoints
 from twisted.internet.task import Clock
 
 from service.api import JobAPI
 from service.quotas import ClientQuotas, RateLimiter
 
 from .apiserver import Service, ServiceFactory, services
-from .test_api import _RawHTTP, running
+from .test_api import raw_exchange, running
 
 __all__ = ["services"]  # fixtures
 
@@ -125,19 +124,13 @@ async def test_unauthenticated_body_is_refused_before_it_is_sent(
     401 JSON with the challenge and Connection: close right after its headers: the body
     is never asked for, let alone stored."""
     s = await authed(services)
-    endpoint = endpoints.TCP4ClientEndpoint(s.reactor, "127.0.0.1", s.port_number)
-    raw = _RawHTTP(
+    head, body = await raw_exchange(
+        s.reactor,
+        s.port_number,
         b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         b"Content-Type: application/json\r\nContent-Length: 1000000000\r\n"
-        b"Expect: 100-continue\r\n\r\n"
+        b"Expect: 100-continue\r\n\r\n",
     )
-    await endpoints.connectProtocol(endpoint, raw)
-    try:
-        data = await raw.done.addTimeout(5, s.reactor)
-    finally:
-        assert raw.transport is not None
-        raw.transport.loseConnection()
-    head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 401 "), head
     assert b"100 Continue" not in head
     assert b'www-authenticate: bearer realm="curlfetch"' in head.lower()
