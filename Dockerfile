@@ -44,9 +44,8 @@ RUN --mount=type=secret,id=pip_cert --mount=type=secret,id=pip_conf \
     /opt/curlfetch/bin/pip install -r /tmp/requirements.txt
 COPY README.md ./
 COPY service ./service
-COPY twisted ./twisted
-# Not editable: the package and twisted/plugins/curlfetch_plugin.py go into site-packages,
-# where twistd finds the plugin. `twistd --help` checks that, and writes Twisted's plugin
+# Not editable: the curlfetch package and twisted/plugins/curlfetch_plugin.py (both under
+# service/) go into site-packages, where twistd finds the plugin. `twistd --help` checks that, and writes Twisted's plugin
 # cache (dropin.cache) now, while site-packages is still writable; `twistd curlfetch
 # --help` imports the service itself.
 RUN --mount=type=secret,id=pip_cert --mount=type=secret,id=pip_conf \
@@ -60,7 +59,7 @@ RUN --mount=type=secret,id=pip_cert --mount=type=secret,id=pip_conf \
     /opt/curlfetch/bin/twistd --help > /tmp/twistd-help; \
     grep -q '^ *curlfetch ' /tmp/twistd-help || { echo "twistd does not list curlfetch" >&2; exit 1; }; \
     /opt/curlfetch/bin/twistd curlfetch --help > /dev/null; \
-    /opt/curlfetch/bin/python -c 'from service.engine import require_async_dns; require_async_dns()'
+    /opt/curlfetch/bin/python -c 'from curlfetch.engine import require_async_dns; require_async_dns()'
 
 FROM python:3.11-slim-bookworm
 LABEL org.opencontainers.image.title="curlfetch" \

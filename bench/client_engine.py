@@ -30,7 +30,7 @@ async def run(reactor: Any, args: ClientArgs) -> None:
     from twisted.internet import task
     from twisted.internet.defer import Deferred
 
-    from service.engine import CurlClient, Response, require_async_dns
+    from curlfetch.engine import CurlClient, Response, require_async_dns
 
     require_async_dns()
     result = Result("engine", args.workload, args.n, args.concurrency)

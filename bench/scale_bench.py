@@ -41,7 +41,6 @@ from psycopg import sql
 from bench.common import Result, emit, raise_nofile_limit
 from bench.service_bench import (
     _DIE_WITH_US,
-    ROOT,
     TWISTD,
     Args,
     Service,
@@ -104,7 +103,6 @@ class Instance(Service):
         self.log_path = work / f"{name}.log"
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("CURLFETCH_")}
-        env["PYTHONPATH"] = str(ROOT)
         env.pop("PYTHONASYNCIODEBUG", None)
         env.pop("PYTHONDEVMODE", None)
         command = [

@@ -134,7 +134,6 @@ class Service:
         self.log_path = work / "twistd.log"
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("CURLFETCH_")}
-        env["PYTHONPATH"] = str(ROOT)
         env.pop("PYTHONASYNCIODEBUG", None)
         env.pop("PYTHONDEVMODE", None)
         argv = [
@@ -427,26 +426,29 @@ def _area(file: str, func: str) -> str | None:
     """The area a frame belongs to, or None for frames that say nothing by themselves
     (the standard library, attrs-generated code): the caller decides then."""
     name = func.rsplit(".", 1)[-1]
-    if file.startswith("service/bodies.py"):
-        return "body files: mkdir, mkstemp, write, fsync, rename (service/bodies.py)"
+    if file.startswith("service/curlfetch/bodies.py"):
+        return "body files: mkdir, mkstemp, write, fsync, rename (service/curlfetch/bodies.py)"
     if file.startswith("json/"):
         return "JSON encode/decode (json.dumps/loads)"
-    if file in ("service/jobs.py", "service/store_sqlite.py") and name in _CONVERSIONS:
+    if (
+        file in ("service/curlfetch/jobs.py", "service/curlfetch/store_sqlite.py")
+        and name in _CONVERSIONS
+    ):
         return "Job <-> dict/row conversion (jobs.py to_json/from_json, store _row/_job)"
-    if file == "service/store_sqlite.py" and ("<locals>" in func or name == "_run_batch"):
+    if file == "service/curlfetch/store_sqlite.py" and ("<locals>" in func or name == "_run_batch"):
         return "SQLite statements (store_sqlite.py closures, in the pool thread)"
-    if file == "service/store_sqlite.py":
+    if file == "service/curlfetch/store_sqlite.py":
         return "store queue, reactor side (store_sqlite.py _submit/_flush/_flushed)"
-    if file == "service/jobs.py":
-        return "job specs: validation, JobSpec.host (service/jobs.py)"
-    if file == "service/api.py":
-        return "API routes and job views (service/api.py)"
-    if file == "service/scheduler.py":
-        return "scheduler (service/scheduler.py)"
-    if file.startswith("service/engine/"):
-        return "engine: libcurl calls and responses (service/engine)"
-    if file.startswith(("service/metrics.py", "prometheus_client/")):
-        return "metrics (service/metrics.py, prometheus_client)"
+    if file == "service/curlfetch/jobs.py":
+        return "job specs: validation, JobSpec.host (service/curlfetch/jobs.py)"
+    if file == "service/curlfetch/api.py":
+        return "API routes and job views (service/curlfetch/api.py)"
+    if file == "service/curlfetch/scheduler.py":
+        return "scheduler (service/curlfetch/scheduler.py)"
+    if file.startswith("service/curlfetch/engine/"):
+        return "engine: libcurl calls and responses (service/curlfetch/engine)"
+    if file.startswith(("service/curlfetch/metrics.py", "prometheus_client/")):
+        return "metrics (service/curlfetch/metrics.py, prometheus_client)"
     if file.startswith(("twisted/web/", "klein/", "werkzeug/")):
         return "HTTP server: twisted.web, Klein, werkzeug"
     if file.startswith(("twisted/enterprise/", "twisted/_threads/", "twisted/python/thread")):

@@ -24,8 +24,8 @@ from typing import Any
 import attrs
 from twisted.internet import defer, task
 
-from service.jobs import Job, JobSpec, JobState, Limits, new_job_id
-from service.store_sqlite import SQLiteJobStore
+from curlfetch.jobs import Job, JobSpec, JobState, Limits, new_job_id
+from curlfetch.store_sqlite import SQLiteJobStore
 
 
 def make_jobs(n: int) -> list[Job]:

@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 import yaml
 
-from service import tap
+from curlfetch import tap
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

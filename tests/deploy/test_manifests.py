@@ -24,7 +24,7 @@ import pytest
 import yaml
 from twisted.python import usage
 
-from service import tap
+from curlfetch import tap
 
 from .support import (
     COMPOSE,
@@ -279,15 +279,16 @@ def test_the_wheel_carries_every_package_and_the_twistd_plugin() -> None:
 
     find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     include = find["packages"]["find"]["include"]
-    found = set(setuptools.find_namespace_packages(where=str(ROOT), include=include))
-    packages = {
-        ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "service").rglob("__init__.py")
-    }
+    src = ROOT / "service"
+    assert find["package-dir"] == {"": "service"}
+    found = set(setuptools.find_namespace_packages(where=str(src), include=include))
+    packages = {".".join(p.parent.relative_to(src).parts) for p in src.rglob("__init__.py")}
     assert packages <= found, f"left out of the wheel: {sorted(packages - found)}"
     assert "twisted.plugins" in found
+    assert (src / "twisted" / "plugins" / "curlfetch_plugin.py").exists()
     # An __init__.py there would replace Twisted's own twisted/plugins/__init__.py.
-    assert not (ROOT / "twisted" / "plugins" / "__init__.py").exists()
-    assert not (ROOT / "twisted" / "__init__.py").exists()
+    assert not (src / "twisted" / "plugins" / "__init__.py").exists()
+    assert not (src / "twisted" / "__init__.py").exists()
 
 
 # -- Kubernetes ----------------------------------------------------------------------------

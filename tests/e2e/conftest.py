@@ -27,7 +27,7 @@ import attrs
 import pytest
 from twisted.internet.task import deferLater
 
-from service.engine import CurlClient, FetchError
+from curlfetch.engine import CurlClient, FetchError
 
 from ..engine.servers import LoopbackSite
 
@@ -80,7 +80,6 @@ class Daemon:
         self.env: dict[str, str] = {
             k: v for k, v in os.environ.items() if not k.startswith("CURLFETCH_")
         }
-        self.env["PYTHONPATH"] = str(ROOT)
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self._log_offset = 0

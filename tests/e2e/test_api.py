@@ -14,7 +14,7 @@ import pytest
 import pytest_twisted
 
 from ..engine.servers import LoopbackSite, pattern_bytes
-from .conftest import ROOT, TWISTD, Daemons, sleep
+from .conftest import TWISTD, Daemons, sleep
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -228,7 +228,7 @@ async def test_environment_configures_json_logs(daemons: Daemons) -> None:
 
 def test_bad_option_is_a_usage_error() -> None:
     """twistd exits non-zero with a message naming the bad option (and its variable)."""
-    env = {"PYTHONPATH": str(ROOT), "CURLFETCH_MAX_QUEUED": "none"}
+    env = {"CURLFETCH_MAX_QUEUED": "none"}
     run = subprocess.run(
         [str(TWISTD), "-n", "--pidfile=", "curlfetch"],
         capture_output=True,

@@ -11,7 +11,7 @@ import pytest
 import pytest_twisted
 
 from ..engine.servers import LoopbackSite, pattern_bytes
-from .conftest import ROOT, TWISTD, Daemons
+from .conftest import TWISTD, Daemons
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -76,7 +76,7 @@ async def test_tokens_isolation_and_quotas(
 def test_no_tokens_refuses_to_listen_on_all_interfaces() -> None:
     """Without tokens, ``--listen=tcp:0`` (every interface) is a usage error before
     anything listens, telling the operator what to do; nothing is started."""
-    env = {"PYTHONPATH": str(ROOT)}
+    env: dict[str, str] = {}
     run = subprocess.run(
         [str(TWISTD), "-n", "--pidfile=", "curlfetch", "--listen=tcp:0"],
         capture_output=True,

@@ -37,7 +37,7 @@ from schemathesis.specs.openapi.checks import (
 )
 from twisted.internet import threads
 
-from service.jobs import JobSpec, Limits, SpecError
+from curlfetch.jobs import JobSpec, Limits, SpecError
 
 from ..engine.servers import LoopbackSite
 from .conftest import Daemons, reactor

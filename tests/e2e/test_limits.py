@@ -18,8 +18,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import threads
 
-from service.api import DEFAULT_MAX_REQUEST_BYTES, REFUSE_GRACE
-from service.jobs import Limits
+from curlfetch.api import DEFAULT_MAX_REQUEST_BYTES, REFUSE_GRACE
+from curlfetch.jobs import Limits
 
 from ..engine.servers import LoopbackSite
 from .conftest import Daemon, Daemons, reactor, sleep

@@ -16,8 +16,8 @@ import pytest_twisted
 from twisted.internet import defer
 from twisted.internet.task import deferLater
 
-from service.engine import CurlClient, CurlSocket
-from service.engine.request import RequestOptions
+from curlfetch.engine import CurlClient, CurlSocket
+from curlfetch.engine.request import RequestOptions
 
 from .servers import LoopbackSite
 

@@ -29,7 +29,7 @@ from twisted.web.client import FileBodyProducer
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-from service.engine import (
+from curlfetch.engine import (
     BodyTooLargeError,
     ClientClosedError,
     ConnectError,

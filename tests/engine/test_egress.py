@@ -21,8 +21,8 @@ import pycurl
 import pytest
 import pytest_twisted
 
-from service.egress import EgressPolicy, parse_cidr
-from service.engine import (
+from curlfetch.egress import EgressPolicy, parse_cidr
+from curlfetch.engine import (
     ConnectError,
     EgressDeniedError,
     HeadersTooLargeError,
@@ -509,7 +509,7 @@ async def test_no_environment_proxies_netrc_or_cookie_files_by_default(
 def test_connect_check_is_library_only_and_typed() -> None:
     """connect_check/host_check/max_header_bytes are Request options with the documented
     shapes; a non-positive cap is refused up front."""
-    from service.engine import Request
+    from curlfetch.engine import Request
 
     request = Request(
         url="http://example.test/",
@@ -525,8 +525,8 @@ def test_connect_check_is_library_only_and_typed() -> None:
 
 
 def _guard(**options: Any) -> Any:
-    from service.engine import Request
-    from service.engine.guard import TransferGuard
+    from curlfetch.engine import Request
+    from curlfetch.engine.guard import TransferGuard
 
     guard = TransferGuard(Request(url="http://good.test/a/b", **options), [])
     guard._check_first_host(options["host_check"])

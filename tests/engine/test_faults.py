@@ -26,7 +26,7 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IConsumer, IProducer
 from zope.interface import implementer
 
-from service.engine import (
+from curlfetch.engine import (
     BodyTooLargeError,
     ConnectError,
     CurlClient,

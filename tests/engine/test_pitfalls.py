@@ -33,7 +33,7 @@ from twisted.python import threadable
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from service.engine import (
+from curlfetch.engine import (
     ConnectError,
     CurlClient,
     CurlError,
@@ -804,13 +804,13 @@ reactor_name, root = sys.argv[1], sys.argv[2]
 sys.path.insert(0, root)
 importlib.import_module("twisted.internet." + reactor_name + "reactor").install()
 from twisted.internet import reactor
-import service.engine
-from service.engine import CurlClient, CurlSocket
+import curlfetch.engine
+from curlfetch.engine import CurlClient, CurlSocket
 from tests.engine.servers import LoopbackSite
 
 site = LoopbackSite(reactor)
 client = CurlClient(reactor)
-report = {"engine": service.engine.__file__, "outcome": None, "at_shutdown": None}
+report = {"engine": curlfetch.engine.__file__, "outcome": None, "at_shutdown": None}
 d = client.fetch(site.url("/delay?s=5"))
 d.addCallbacks(
     lambda r: report.update(outcome="response"),

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 
-from service.engine import TLSError
+from curlfetch.engine import TLSError
 
 from .conftest import Engine, _reactor
 from .tls import TLSSite

@@ -22,15 +22,15 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 
-from service.api import JobAPI
-from service.auth import TokenSet
-from service.bodies import DirectoryBodyStore
-from service.engine import CurlClient, CurlSocket, Headers
-from service.jobs import Limits
-from service.metrics import Metrics
-from service.quotas import ClientQuotas
-from service.scheduler import Scheduler, SchedulerConfig
-from service.store_sqlite import SQLiteJobStore
+from curlfetch.api import JobAPI
+from curlfetch.auth import TokenSet
+from curlfetch.bodies import DirectoryBodyStore
+from curlfetch.engine import CurlClient, CurlSocket, Headers
+from curlfetch.jobs import Limits
+from curlfetch.metrics import Metrics
+from curlfetch.quotas import ClientQuotas
+from curlfetch.scheduler import Scheduler, SchedulerConfig
+from curlfetch.store_sqlite import SQLiteJobStore
 from tests.engine.servers import LoopbackSite
 
 from .conftest import reactor

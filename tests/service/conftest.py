@@ -13,8 +13,8 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 
-from service.jobs import Job, JobSpec, JobState, Limits, new_job_id
-from service.store_sqlite import SQLiteJobStore
+from curlfetch.jobs import Job, JobSpec, JobState, Limits, new_job_id
+from curlfetch.store_sqlite import SQLiteJobStore
 
 from .backends import AnyStore, Backend, PostgresSchema, require_postgres
 

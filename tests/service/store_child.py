@@ -15,9 +15,9 @@ from typing import Any
 
 from twisted.internet import defer, task
 
-from service.bodies import DirectoryBodyStore
-from service.jobs import Job, JobSpec, JobState, Limits, new_job_id
-from service.store_sqlite import SQLiteJobStore
+from curlfetch.bodies import DirectoryBodyStore
+from curlfetch.jobs import Job, JobSpec, JobState, Limits, new_job_id
+from curlfetch.store_sqlite import SQLiteJobStore
 
 
 async def add_one(reactor: Any, path: str) -> None:

@@ -14,8 +14,8 @@ from twisted.internet import endpoints, protocol
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from service.engine import CurlTimeoutError
-from service.metrics import METRIC_NAMES
+from curlfetch.engine import CurlTimeoutError
+from curlfetch.metrics import METRIC_NAMES
 from tests.engine.servers import pattern_bytes
 
 from .apiserver import Service, ServiceFactory, services, sleep, svc

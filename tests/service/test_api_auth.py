@@ -11,8 +11,8 @@ import pytest
 import pytest_twisted
 from twisted.internet.task import Clock
 
-from service.api import JobAPI
-from service.quotas import ClientQuotas, RateLimiter
+from curlfetch.api import JobAPI
+from curlfetch.quotas import ClientQuotas, RateLimiter
 
 from .apiserver import Service, ServiceFactory, services
 from .test_api import raw_exchange, running

@@ -1,4 +1,4 @@
-"""``service.auth`` and ``service.quotas`` as pure functions: loading tokens (file and
+"""``curlfetch.auth`` and ``curlfetch.quotas`` as pure functions: loading tokens (file and
 environment), what is kept in memory, the constant-time lookup, the ``Authorization``
 header per RFC 6750, and the per-client token bucket on a ``Clock``."""
 
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from twisted.internet.task import Clock
 
-from service import auth
-from service.auth import INVALID, MALFORMED, MISSING, TokenError, TokenSet, authenticate
-from service.quotas import ClientQuotas, RateLimiter, retry_after
+from curlfetch import auth
+from curlfetch.auth import INVALID, MALFORMED, MISSING, TokenError, TokenSet, authenticate
+from curlfetch.quotas import ClientQuotas, RateLimiter, retry_after
 
 ALICE = "alice-secret-token-0123"
 BOB = "bob-secret-token-456789"

@@ -18,8 +18,8 @@ from twisted.web import resource, server
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from service import bodies as bodies_module
-from service.bodies import (
+from curlfetch import bodies as bodies_module
+from curlfetch.bodies import (
     SHARDS,
     BodyConsumer,
     BodyStore,
@@ -27,8 +27,8 @@ from service.bodies import (
     BodyWriter,
     DirectoryBodyStore,
 )
-from service.engine import CurlClient
-from service.jobs import new_job_id
+from curlfetch.engine import CurlClient
+from curlfetch.jobs import new_job_id
 
 from .conftest import reactor, within
 

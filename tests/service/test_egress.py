@@ -15,8 +15,8 @@ import pytest
 import pytest_twisted
 from twisted.python import usage
 
-from service import tap
-from service.egress import (
+from curlfetch import tap
+from curlfetch.egress import (
     DEFAULT_DENY_V4,
     DEFAULT_DENY_V6,
     Denial,
@@ -28,7 +28,7 @@ from service.egress import (
     parse_host_pattern,
     parse_ports,
 )
-from service.jobs import JobSpec, JobState, Limits, SpecError
+from curlfetch.jobs import JobSpec, JobState, Limits, SpecError
 from tests.engine.faults import canned
 
 from .apiserver import Service, services, svc

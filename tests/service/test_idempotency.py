@@ -13,7 +13,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, gatherResults
 
-from service.store import (
+from curlfetch.store import (
     IDEMPOTENCY_ABANDONED_AFTER,
     IDEMPOTENCY_TTL,
     IdempotencyInProgressError,
@@ -21,7 +21,7 @@ from service.store import (
     IdempotencyRecord,
     StoredResponse,
 )
-from service.store_sqlite import MIGRATIONS
+from curlfetch.store_sqlite import MIGRATIONS
 
 from .apiserver import Reply, Service, ServiceFactory, services, svc
 from .backends import AnyStore, Backend
@@ -392,7 +392,7 @@ async def test_a_refused_request_does_not_use_the_key(svc: Service) -> None:
 async def test_a_replay_is_not_charged_to_the_quota(services: ServiceFactory) -> None:
     """With a rate quota of one job, the replay of an accepted submission still answers
     its 201 (it creates nothing), while a new submission is 429."""
-    from service.quotas import ClientQuotas
+    from curlfetch.quotas import ClientQuotas
 
     s = await services(tokens={"alice": ALICE}, quotas=ClientQuotas(rate=0.001, burst=1))
     spec = {"url": s.url("/bytes")}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.jobs import JobSpec, Limits, SpecError
+from curlfetch.jobs import JobSpec, Limits, SpecError
 
 LIMITS = Limits()
 

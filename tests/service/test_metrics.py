@@ -9,8 +9,8 @@ import pytest
 from prometheus_client import generate_latest
 from twisted.internet.task import Clock
 
-from service.jobs import JobError
-from service.metrics import Metrics
+from curlfetch.jobs import JobError
+from curlfetch.metrics import Metrics
 
 from .conftest import make_job
 

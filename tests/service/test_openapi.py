@@ -16,8 +16,8 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 from twisted.internet import protocol
 
-from service.api import JobAPI
-from service.quotas import ClientQuotas
+from curlfetch.api import JobAPI
+from curlfetch.quotas import ClientQuotas
 
 from .apiserver import Reply, Service, ServiceFactory, services, svc
 

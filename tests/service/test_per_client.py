@@ -8,7 +8,7 @@ import attrs
 import pytest
 import pytest_twisted
 
-from service.jobs import JobState
+from curlfetch.jobs import JobState
 
 from .backends import AnyStore, Backend
 from .conftest import make_job, open_backend, within

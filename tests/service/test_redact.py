@@ -1,4 +1,4 @@
-"""Log redaction (service.redact): URLs, header pairs, free text, whole log events and
+"""Log redaction (curlfetch.redact): URLs, header pairs, free text, whole log events and
 the JSON log line, which must stay valid JSON."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 from twisted.logger import LogLevel, eventFromJSON
 from twisted.python.failure import Failure
 
-from service import tap
-from service.jobs import JobSpec, Limits
-from service.redact import (
+from curlfetch import tap
+from curlfetch.jobs import JobSpec, Limits
+from curlfetch.redact import (
     redact_event,
     redact_headers,
     redact_text,

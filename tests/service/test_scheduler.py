@@ -19,17 +19,17 @@ import pytest_twisted
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock, deferLater
 
-from service.bodies import BodyWriter, DirectoryBodyStore
-from service.engine import CurlClient, Response
-from service.jobs import BodyInfo, Job, JobError, JobSpec, JobState, Limits, new_job_id
-from service.scheduler import (
+from curlfetch.bodies import BodyWriter, DirectoryBodyStore
+from curlfetch.engine import CurlClient, Response
+from curlfetch.jobs import BodyInfo, Job, JobError, JobSpec, JobState, Limits, new_job_id
+from curlfetch.scheduler import (
     Scheduler,
     SchedulerConfig,
     backoff_delay,
     parse_retry_after,
     retry_delay,
 )
-from service.store_sqlite import SQLiteJobStore
+from curlfetch.store_sqlite import SQLiteJobStore
 from tests.engine.conftest import curl_registrations
 from tests.engine.faults import FaultServer, canned, refused_port, silent
 from tests.engine.servers import LoopbackSite, pattern_bytes

@@ -16,11 +16,11 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, utils
 
-from service import store_pg, store_sqlite
-from service.jobs import BodyInfo, Job, JobError, JobResult, JobState
-from service.store import JobStore
-from service.store_pg import PostgresJobStore
-from service.store_sqlite import SchemaVersionError, SQLiteJobStore, StoreClosedError
+from curlfetch import store_pg, store_sqlite
+from curlfetch.jobs import BodyInfo, Job, JobError, JobResult, JobState
+from curlfetch.store import JobStore
+from curlfetch.store_pg import PostgresJobStore
+from curlfetch.store_sqlite import SchemaVersionError, SQLiteJobStore, StoreClosedError
 
 from .backends import AnyStore, Backend
 from .conftest import db_path, make_job, open_backend, open_store, reactor, within

@@ -20,9 +20,9 @@ from twisted.internet import defer
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
-from service.jobs import JobState
-from service.store import IdempotencyInProgressError, IdempotencyRecord, StoredResponse
-from service.store_pg import (
+from curlfetch.jobs import JobState
+from curlfetch.store import IdempotencyInProgressError, IdempotencyRecord, StoredResponse
+from curlfetch.store_pg import (
     PostgresJobStore,
     StoreClosedError,
     default_instance_id,

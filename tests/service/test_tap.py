@@ -1,4 +1,4 @@
-"""``service.tap`` in process: options (command line, environment, errors), the twistd
+"""``curlfetch.tap`` in process: options (command line, environment, errors), the twistd
 plugin, JSON logging, and the service tree's start, stop and retention purge."""
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.scripts._twistd_unix import ServerOptions
 
-from service import tap
-from service.bodies import DirectoryBodyStore
-from service.jobs import JobState
-from service.scheduler import Scheduler
-from service.store_sqlite import SQLiteJobStore, StoreClosedError
+from curlfetch import tap
+from curlfetch.bodies import DirectoryBodyStore
+from curlfetch.jobs import JobState
+from curlfetch.scheduler import Scheduler
+from curlfetch.store_sqlite import SQLiteJobStore, StoreClosedError
 
 from .conftest import make_job, reactor, within
 
@@ -190,7 +190,7 @@ def test_parse_duration(text: str, seconds: float) -> None:
 
 def test_plugin_is_found_by_twistd() -> None:
     """getPlugins(IServiceMaker) finds twisted/plugins/curlfetch_plugin.py, and it points
-    at service.tap."""
+    at curlfetch.tap."""
     makers = {maker.tapname: maker for maker in getPlugins(IServiceMaker)}
     assert "curlfetch" in makers
     assert makers["curlfetch"].options is tap.Options

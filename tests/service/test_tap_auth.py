@@ -1,4 +1,4 @@
-"""``service.tap``'s authentication and quota options: parsing (command line and
+"""``curlfetch.tap``'s authentication and quota options: parsing (command line and
 environment), errors that name the option, the refusal to listen beyond loopback without
 tokens, and the wiring into the API and the scheduler."""
 
@@ -14,8 +14,8 @@ import pytest
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python import usage
 
-from service import tap
-from service.quotas import ClientQuotas
+from curlfetch import tap
+from curlfetch.quotas import ClientQuotas
 
 ALICE = "alice-token-0123456789"
 BOB = "bob-token-0123456789abc"

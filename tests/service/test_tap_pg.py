@@ -14,9 +14,9 @@ import pytest
 import pytest_twisted
 from twisted.python import usage
 
-from service import tap
-from service.store_pg import DEFAULT_LEASE, PostgresJobStore
-from service.store_sqlite import SQLiteJobStore, StoreClosedError
+from curlfetch import tap
+from curlfetch.store_pg import DEFAULT_LEASE, PostgresJobStore
+from curlfetch.store_sqlite import SQLiteJobStore, StoreClosedError
 
 from .backends import PostgresSchema, require_postgres
 from .conftest import make_job, reactor, within

@@ -76,7 +76,7 @@ DB_NAME = "jobs.sqlite3"
 STALE_SHARED_TEMP = 24 * 3600.0
 """With --database, a partial body older than this (seconds) is a crashed writer's."""
 BODIES_DIR = "bodies"
-JSON_LOGGER = "service.tap.json_log_observer"
+JSON_LOGGER = "curlfetch.tap.json_log_observer"
 """What ``--log-format=json`` hands to twistd's ``--logger`` option."""
 TOKENS_ENV = ENV_PREFIX + "TOKENS"
 """Tokens straight from the environment (``client:token,...``); deliberately not an
@@ -573,7 +573,7 @@ class Options(usage.Options):
 def json_line(event: LogEvent) -> str:
     """One event as one line: Twisted's ``eventAsJSON`` (``eventFromJSON`` reads it back)
     plus what a log collector indexes: the rendered ``message``, the ``level`` name and,
-    for a failure, its ``traceback``. Secrets are redacted (``service.redact``): in the
+    for a failure, its ``traceback``. Secrets are redacted (``curlfetch.redact``): in the
     event's fields first, then anywhere in the finished line."""
     event = redact_event(event)
     extra: dict[str, object] = {"message": formatEvent(event)}
@@ -591,7 +591,7 @@ def json_log_observer() -> ILogObserver:
 
     twistd calls it just before it begins logging, so ``sys.stdout`` is still the real
     one (twistd then points ``sys.stdout`` at the log). Also usable directly:
-    ``twistd -n --logger=service.tap.json_log_observer curlfetch``.
+    ``twistd -n --logger=curlfetch.tap.json_log_observer curlfetch``.
     """
     return FileLogObserver(sys.stdout, json_line)
 

@@ -4,7 +4,7 @@
 Schemas are JSON Schema 2020-12 (OpenAPI 3.1's dialect), strict where the API is strict
 (``additionalProperties: false`` on what clients send and on error objects), so that
 ``tests/service/test_openapi.py`` can validate real responses against them. Keep this in
-step with ``service/api.py``: that test fails when a route, a method or a response shape
+step with ``service/curlfetch/api.py``: that test fails when a route, a method or a response shape
 is missing on either side.
 """
 

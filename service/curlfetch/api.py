@@ -3,7 +3,7 @@
 Every response is JSON except a job's body and ``/metrics``; every error is
 ``{"error": {"code", "message", "field"?}}`` with a precise status. A submission is
 answered 201 only after the store has committed it. The document of record is
-``GET /openapi.json`` (``service/openapi.py``); ``tests/service/test_openapi.py`` checks
+``GET /openapi.json`` (``service/curlfetch/openapi.py``); ``tests/service/test_openapi.py`` checks
 that it matches the routes and the real responses.
 
 Long-polls (``GET /v1/jobs/{id}?wait=N``) sleep on a per-job waiter (``JobWaiters``).
@@ -13,12 +13,12 @@ scheduler's save is already queued ahead of that read; a slow timer (``poll_inte
 covers changes nobody announces (another instance). A client that disconnects cancels
 its waiter, and ``start_draining`` releases them all.
 
-Authentication (``service/auth.py``): with tokens configured, every ``/v1`` route (and
+Authentication (``service/curlfetch/auth.py``): with tokens configured, every ``/v1`` route (and
 ``/metrics`` unless it is configured open) needs ``Authorization: Bearer <token>``, and
 the token's client is the only one whose jobs the request can see: another client's job
 is 404, exactly like a job that does not exist. Without tokens every request is the
 anonymous client ``""``. ``/healthz``, ``/readyz`` and ``/openapi.json`` are always open.
-Per-client quotas on submissions (``service/quotas.py``) answer 429 with Retry-After.
+Per-client quotas on submissions (``service/curlfetch/quotas.py``) answer 429 with Retry-After.
 
 ``POST /v1/jobs`` takes an optional ``Idempotency-Key`` (IETF
 draft-ietf-httpapi-idempotency-key-header, Stripe's semantics): see ``submit``.

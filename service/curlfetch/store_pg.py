@@ -1,6 +1,6 @@
 """``PostgresJobStore``: the ``JobStore`` for several curlfetch instances on one PostgreSQL.
 
-Same semantics as ``SQLiteJobStore`` (``service.store_sqlite``), with what several
+Same semantics as ``SQLiteJobStore`` (``curlfetch.store_sqlite``), with what several
 instances need on top:
 
 - **Off the reactor, batched.** psycopg 3 (sync) in threads, never the reactor's. Writes
@@ -374,7 +374,7 @@ class _Outcome:
 
 
 class PostgresJobStore:
-    """The ``JobStore`` (see ``service.store``) for several instances on one PostgreSQL.
+    """The ``JobStore`` (see ``curlfetch.store``) for several instances on one PostgreSQL.
 
     ``dsn``: a libpq URL or conninfo string; the schema is its ``search_path`` (``public``
     by default). ``instance_id`` names this instance's claims (``jobs.owner``); it must be

@@ -1,6 +1,6 @@
 """A small example fetch, run by ``scripts/run`` until the job service exists.
 
-    python -m service.example [URL ...]
+    python -m curlfetch.example [URL ...]
 
 With no URL it starts a loopback server and fetches from it, so it works offline.
 """
@@ -16,7 +16,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.static import Data
 
-from service.engine import CurlClient, FetchError, require_async_dns
+from curlfetch.engine import CurlClient, FetchError, require_async_dns
 
 
 async def main(reactor: Any, urls: list[str]) -> None:

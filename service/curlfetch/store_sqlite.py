@@ -264,7 +264,7 @@ class _Outcome:
 
 
 class SQLiteJobStore:
-    """The embedded ``JobStore`` (see ``service.store``): one SQLite file, WAL mode.
+    """The embedded ``JobStore`` (see ``curlfetch.store``): one SQLite file, WAL mode.
 
     ``transactions`` counts committed transactions (tests use it to see batching);
     ``skipped_saves`` counts saved jobs that were no longer ``running`` (cancelled while

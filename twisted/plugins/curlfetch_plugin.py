@@ -1,6 +1,0 @@
-"""``twistd curlfetch``. Kept this small because twistd imports every plugin to list its
-subcommands; ``service.tap`` is imported only when curlfetch runs."""
-
-from twisted.application.service import ServiceMaker
-
-curlfetch = ServiceMaker("curlfetch", "service.tap", "The curlfetch job service.", "curlfetch")
