@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 import yaml
 
-from curlfetch import tap
+from curlfetch.options import TOKENS_ENV, Config, Options, env_name
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -181,20 +181,20 @@ def option_variables() -> set[str]:
     """Every environment variable the service reads: CURLFETCH_<OPTION> for each option of
     ``twistd curlfetch`` (value options, flags and the repeatable egress options), and
     CURLFETCH_TOKENS."""
-    names = [str(row[0]) for row in tap.Options.optParameters]
-    names += [str(row[0]) for row in tap.Options.optFlags]
+    names = [str(row[0]) for row in Options.optParameters]
+    names += [str(row[0]) for row in Options.optFlags]
     names += [
         attr[len("opt_") :].replace("_", "-")
-        for attr in dir(tap.Options)
+        for attr in dir(Options)
         if attr.startswith("opt_") and attr not in ("opt_help", "opt_version")
     ]
-    return {tap.env_name(name) for name in names} | {tap.TOKENS_ENV}
+    return {env_name(name) for name in names} | {TOKENS_ENV}
 
 
-def parse_config(environ: Mapping[str, str]) -> tap.Config:
+def parse_config(environ: Mapping[str, str]) -> Config:
     """The configuration the service would run with in ``environ`` (no command line):
     raises ``usage.UsageError`` exactly where ``twistd curlfetch`` would refuse to start."""
-    options = tap.Options(environ=dict(environ))
+    options = Options(environ=dict(environ))
     options.parseOptions([])
     return options.config
 

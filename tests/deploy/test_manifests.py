@@ -24,7 +24,7 @@ import pytest
 import yaml
 from twisted.python import usage
 
-from curlfetch import tap
+from curlfetch.options import TOKENS_ENV, Config, listens_on_loopback_only
 
 from .support import (
     COMPOSE,
@@ -103,7 +103,7 @@ def k8s_environment() -> dict[str, str]:
         if "secretRef" in source:
             secret = k8s_object("Secret", source["secretRef"]["name"])
             env.update({key: "<placeholder>" for key in secret.get("stringData", {})})
-    env[tap.TOKENS_ENV] = VALID_TOKEN
+    env[TOKENS_ENV] = VALID_TOKEN
     env["CURLFETCH_DATABASE_URL"] = VALID_DATABASE_URL
     for item in container().get("env", []):
         env[item["name"]] = item.get("value", "pod-name-from-the-downward-api")
@@ -117,7 +117,7 @@ def k8s_object(kind: str, name: str) -> dict[str, Any]:
     raise AssertionError(f"no {kind} named {name!r} in deploy/k8s")
 
 
-def k8s_config() -> tap.Config:
+def k8s_config() -> Config:
     return parse_config(k8s_environment())
 
 
@@ -147,7 +147,7 @@ def compose_environment() -> dict[str, str]:
     env = dockerfile_env(final_stage(dockerfile_instructions()))
     for name in env_files(service):
         env.update(read_env_file(DEPLOY / f"{name}.example"))
-    env[tap.TOKENS_ENV] = VALID_TOKEN
+    env[TOKENS_ENV] = VALID_TOKEN
     env["CURLFETCH_DATABASE_URL"] = VALID_DATABASE_URL
     env.update({k: str(v) for k, v in (service.get("environment") or {}).items()})
     return env
@@ -214,10 +214,10 @@ def test_dockerfile_runs_twistd_as_a_non_root_user() -> None:
 def test_dockerfile_healthcheck_volume_and_port_fit_the_service() -> None:
     stage = final_stage(dockerfile_instructions())
     env = dockerfile_env(stage)
-    config = parse_config({**env, tap.TOKENS_ENV: VALID_TOKEN})
+    config = parse_config({**env, TOKENS_ENV: VALID_TOKEN})
     assert config.log_format == "json"
     assert config.data_dir == "/data"
-    assert not tap.listens_on_loopback_only(config.listen), "reachable from outside"
+    assert not listens_on_loopback_only(config.listen), "reachable from outside"
 
     [volume] = [i.args for i in stage if i.keyword == "VOLUME"]
     assert config.data_dir in exec_form(volume)
@@ -342,26 +342,26 @@ def test_selectors_match_the_pods() -> None:
 
 def test_configuration_is_what_the_service_accepts() -> None:
     config = k8s_config()
-    assert not tap.listens_on_loopback_only(config.listen), "the kubelet and Service reach it"
+    assert not listens_on_loopback_only(config.listen), "the kubelet and Service reach it"
     assert config.log_format == "json"
     assert config.tokens, "tokens are required"
     assert config.database, "replicas share a PostgreSQL queue"
     names = {item["name"] for item in container().get("env", [])}
     assert "CURLFETCH_INSTANCE_ID" in names
     secret = one("Secret")
-    assert {tap.TOKENS_ENV, "CURLFETCH_DATABASE_URL"} <= set(secret["stringData"])
+    assert {TOKENS_ENV, "CURLFETCH_DATABASE_URL"} <= set(secret["stringData"])
     configmap = one("ConfigMap")["data"]
-    assert not {tap.TOKENS_ENV, "CURLFETCH_DATABASE_URL"} & set(configmap), "secrets in a Secret"
+    assert not {TOKENS_ENV, "CURLFETCH_DATABASE_URL"} & set(configmap), "secrets in a Secret"
 
 
 def test_the_example_secrets_fail_closed() -> None:
     """The placeholders are not tokens: a pod started with them refuses to run."""
     secret = one("Secret")["stringData"]
-    with pytest.raises(usage.UsageError, match=tap.TOKENS_ENV):
-        parse_config({**k8s_environment(), tap.TOKENS_ENV: secret[tap.TOKENS_ENV]})
+    with pytest.raises(usage.UsageError, match=TOKENS_ENV):
+        parse_config({**k8s_environment(), TOKENS_ENV: secret[TOKENS_ENV]})
     example = read_env_file(DEPLOY / "curlfetch.env.example")
-    with pytest.raises(usage.UsageError, match=tap.TOKENS_ENV):
-        parse_config({**compose_environment(), tap.TOKENS_ENV: example[tap.TOKENS_ENV]})
+    with pytest.raises(usage.UsageError, match=TOKENS_ENV):
+        parse_config({**compose_environment(), TOKENS_ENV: example[TOKENS_ENV]})
 
 
 def test_ports_and_probes_hit_the_service() -> None:
@@ -520,7 +520,7 @@ def test_compose_env_files_have_examples_and_stay_out_of_git() -> None:
     assert url.hostname == "postgres", "the compose service's name"
     assert url.username == postgres_env["POSTGRES_USER"]
     assert url.path.lstrip("/") == postgres_env["POSTGRES_DB"]
-    assert set(curlfetch_env) == {tap.TOKENS_ENV, "CURLFETCH_DATABASE_URL"}
+    assert set(curlfetch_env) == {TOKENS_ENV, "CURLFETCH_DATABASE_URL"}
 
 
 def test_no_secret_values_are_committed() -> None:

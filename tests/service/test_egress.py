@@ -15,7 +15,6 @@ import pytest
 import pytest_twisted
 from twisted.python import usage
 
-from curlfetch import tap
 from curlfetch.egress import (
     DEFAULT_DENY_V4,
     DEFAULT_DENY_V6,
@@ -29,6 +28,7 @@ from curlfetch.egress import (
     parse_ports,
 )
 from curlfetch.jobs import JobSpec, JobState, Limits, SpecError
+from curlfetch.options import Options
 from tests.engine.faults import canned
 
 from .apiserver import Service, services, svc
@@ -380,8 +380,8 @@ def test_parsers() -> None:
 # -- options -----------------------------------------------------------------------------
 
 
-def parse(args: list[str], environ: dict[str, str] | None = None) -> tap.Options:
-    options = tap.Options(environ=environ or {})
+def parse(args: list[str], environ: dict[str, str] | None = None) -> Options:
+    options = Options(environ=environ or {})
     options.parseOptions(args)
     return options
 

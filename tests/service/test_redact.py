@@ -9,8 +9,8 @@ import pytest
 from twisted.logger import LogLevel, eventFromJSON
 from twisted.python.failure import Failure
 
-from curlfetch import tap
 from curlfetch.jobs import JobSpec, Limits
+from curlfetch.logs import json_line
 from curlfetch.redact import (
     redact_event,
     redact_headers,
@@ -117,7 +117,7 @@ def test_redact_event_by_key_and_leaves_format_and_bookkeeping() -> None:
 
 
 def test_json_log_line_is_redacted_and_still_json() -> None:
-    """tap.json_line redacts fields, the rendered message and a failure's traceback (an
+    """json_line redacts fields, the rendered message and a failure's traceback (an
     exception message may echo a URL), and the line still reads back as JSON."""
     try:
         raise ValueError("cannot fetch http://user:secret@127.0.0.1/?api_key=secret")
@@ -133,7 +133,7 @@ def test_json_log_line_is_redacted_and_still_json() -> None:
         "log_time": 1_700_000_000.0,
         "log_failure": failure,
     }
-    line = tap.json_line(event)
+    line = json_line(event)
     assert "secret" not in line
     data = json.loads(line)
     assert data["message"].startswith("job abc to http://user:***@127.0.0.1/ failed")

@@ -24,6 +24,8 @@ from twisted.scripts._twistd_unix import ServerOptions
 from curlfetch import tap
 from curlfetch.bodies import DirectoryBodyStore
 from curlfetch.jobs import JobState
+from curlfetch.logs import json_line
+from curlfetch.options import DEFAULTS, ENV_PREFIX, Config, parse_duration
 from curlfetch.scheduler import Scheduler
 from curlfetch.store_sqlite import SQLiteJobStore, StoreClosedError
 
@@ -34,7 +36,7 @@ from .conftest import make_job, reactor, within
 def _no_curlfetch_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests that go through twistd read os.environ: keep the developer's out."""
     for name in list(os.environ):
-        if name.startswith(tap.ENV_PREFIX):
+        if name.startswith(ENV_PREFIX):
             monkeypatch.delenv(name)
 
 
@@ -51,7 +53,7 @@ def test_defaults() -> None:
     """With no options and no environment, every setting has its documented default and
     the data directory is made absolute."""
     config = parse([]).config
-    assert config == tap.Config(data_dir=os.path.abspath("curlfetch-data"))
+    assert config == Config(data_dir=os.path.abspath("curlfetch-data"))
     assert config.listen == "tcp:8080:interface=127.0.0.1"
     assert config.retention == 7 * 86400
     assert config.drain_timeout == 20
@@ -73,7 +75,7 @@ def test_every_option_on_the_command_line(tmp_path: Path) -> None:
             "--log-format=JSON",
         ]
     )
-    assert options.config == tap.Config(
+    assert options.config == Config(
         listen=r"tcp:9999:interface=\:\:1",
         data_dir=f"{tmp_path}/d",
         max_concurrency=64,
@@ -104,7 +106,7 @@ def test_environment_variables(tmp_path: Path) -> None:
             "CURLFETCH_EXTRAS": "dev",  # scripts/bootstrap's: not an option, ignored
         },
     ).config
-    assert config == tap.Config(
+    assert config == Config(
         listen="tcp:0:interface=127.0.0.1",
         data_dir=str(tmp_path),
         max_concurrency=5,
@@ -182,7 +184,7 @@ def test_data_dir_must_be_a_directory(tmp_path: Path) -> None:
 )
 def test_parse_duration(text: str, seconds: float) -> None:
     """Durations are seconds, optionally with a unit (ms, s, m, h, d)."""
-    assert tap.parse_duration(text) == pytest.approx(seconds)
+    assert parse_duration(text) == pytest.approx(seconds)
 
 
 # -- twistd ------------------------------------------------------------------------------
@@ -241,7 +243,7 @@ def test_json_line_is_one_json_object_per_event() -> None:
         "log_time": 1_700_000_000.0,
         "log_failure": failure,
     }
-    line = tap.json_line(event)
+    line = json_line(event)
     assert line.endswith("\n")
     assert line.count("\n") == 1
     data = json.loads(line)
@@ -273,7 +275,7 @@ def test_make_service_builds_the_tree_in_start_order(tmp_path: Path) -> None:
         ]
         assert isinstance(root.getServiceNamed("scheduler"), Scheduler)
         assert root.getServiceNamed("scheduler") is root.scheduler
-        assert root.scheduler.config.max_concurrency == tap.DEFAULTS.max_concurrency
+        assert root.scheduler.config.max_concurrency == DEFAULTS.max_concurrency
         retention = root.getServiceNamed("retention")
         assert isinstance(retention, TimerService)
         assert retention.step == 360.0  # a tenth of the retention
@@ -298,9 +300,9 @@ def test_make_service_tunes_the_garbage_collector(tmp_path: Path) -> None:
         root.getServiceNamed("engine").stopService()
 
 
-def _config(tmp_path: Path, **changes: Any) -> tap.Config:
+def _config(tmp_path: Path, **changes: Any) -> Config:
     return attrs.evolve(
-        tap.Config(data_dir=str(tmp_path / "data"), listen="tcp:0:interface=127.0.0.1"),
+        Config(data_dir=str(tmp_path / "data"), listen="tcp:0:interface=127.0.0.1"),
         **changes,
     )
 

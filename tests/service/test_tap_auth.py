@@ -15,6 +15,7 @@ from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python import usage
 
 from curlfetch import tap
+from curlfetch.options import ENV_PREFIX, listens_on_loopback_only
 from curlfetch.quotas import ClientQuotas
 
 ALICE = "alice-token-0123456789"
@@ -26,7 +27,7 @@ LOOPBACK = "--listen=tcp:0:interface=127.0.0.1"
 def _no_curlfetch_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep the developer's CURLFETCH_* variables out."""
     for name in list(os.environ):
-        if name.startswith(tap.ENV_PREFIX):
+        if name.startswith(ENV_PREFIX):
             monkeypatch.delenv(name)
 
 
@@ -177,7 +178,7 @@ def test_listens_on_loopback_only(listen: str, loopback: bool) -> None:
     """Only a unix socket or a loopback address counts as local; no interface (all of
     them), a wildcard, another address or a host name do not. (Parsing only: nothing
     listens.)"""
-    assert tap.listens_on_loopback_only(listen) is loopback
+    assert listens_on_loopback_only(listen) is loopback
 
 
 @pytest.mark.parametrize(

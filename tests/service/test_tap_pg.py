@@ -15,6 +15,7 @@ import pytest_twisted
 from twisted.python import usage
 
 from curlfetch import tap
+from curlfetch.options import DB_NAME, ENV_PREFIX, Config
 from curlfetch.store_pg import DEFAULT_LEASE, PostgresJobStore
 from curlfetch.store_sqlite import SQLiteJobStore, StoreClosedError
 
@@ -28,7 +29,7 @@ URL = "postgresql://curlfetch:s3cret@db.internal:5432/jobs"
 def _no_curlfetch_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep the developer's CURLFETCH_* variables out."""
     for name in list(os.environ):
-        if name.startswith(tap.ENV_PREFIX):
+        if name.startswith(ENV_PREFIX):
             monkeypatch.delenv(name)
 
 
@@ -93,9 +94,9 @@ def test_a_refused_url_does_not_echo_its_password() -> None:
     assert "hunter2" not in str(caught.value)
 
 
-def _config(tmp_path: Path, **changes: Any) -> tap.Config:
+def _config(tmp_path: Path, **changes: Any) -> Config:
     return attrs.evolve(
-        tap.Config(data_dir=str(tmp_path / "data"), listen="tcp:0:interface=127.0.0.1"),
+        Config(data_dir=str(tmp_path / "data"), listen="tcp:0:interface=127.0.0.1"),
         **changes,
     )
 
@@ -144,4 +145,4 @@ async def test_the_tree_runs_on_postgresql(tmp_path: Path, schema: PostgresSchem
     with pytest.raises(StoreClosedError):
         await store.ping()
     assert schema.execute("SELECT id FROM jobs") == [(job.id,)]
-    assert not (tmp_path / "data" / tap.DB_NAME).exists()
+    assert not (tmp_path / "data" / DB_NAME).exists()
