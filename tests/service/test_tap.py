@@ -26,7 +26,9 @@ from curlfetch.bodies import DirectoryBodyStore
 from curlfetch.jobs import JobState
 from curlfetch.logs import json_line
 from curlfetch.options import DEFAULTS, ENV_PREFIX, Config, parse_duration
+from curlfetch.process import GC_THRESHOLDS
 from curlfetch.scheduler import Scheduler
+from curlfetch.services import CurlfetchService, RetentionService
 from curlfetch.store_sqlite import SQLiteJobStore, StoreClosedError
 
 from .conftest import make_job, reactor, within
@@ -264,7 +266,7 @@ def test_make_service_builds_the_tree_in_start_order(tmp_path: Path) -> None:
     )
     root = tap.makeService(options)
     try:
-        assert isinstance(root, tap.CurlfetchService)
+        assert isinstance(root, CurlfetchService)
         assert [child.name for child in root] == [
             "store",
             "engine",
@@ -294,7 +296,7 @@ def test_make_service_tunes_the_garbage_collector(tmp_path: Path) -> None:
     options = parse([f"--data-dir={tmp_path}/data", "--listen=tcp:0:interface=127.0.0.1"])
     root = tap.makeService(options)
     try:
-        assert gc.get_threshold() == tap.GC_THRESHOLDS
+        assert gc.get_threshold() == GC_THRESHOLDS
     finally:
         gc.set_threshold(*before)
         root.getServiceNamed("engine").stopService()
@@ -385,7 +387,7 @@ async def test_retention_purges_old_finished_jobs_and_their_bodies(tmp_path: Pat
             writer = bodies.open_writer(job.id)
             writer.write(b"body")
             await within(writer.commit())
-        retention = tap.RetentionService(reactor(), store=store, bodies=bodies, retention=3600)
+        retention = RetentionService(reactor(), store=store, bodies=bodies, retention=3600)
         await within(retention.purge())
         assert await within(store.get("alice", old.id)) is None
         assert not bodies.exists(old.id)

@@ -17,6 +17,7 @@ from twisted.python import usage
 from curlfetch import tap
 from curlfetch.options import ENV_PREFIX, listens_on_loopback_only
 from curlfetch.quotas import ClientQuotas
+from curlfetch.services import CurlfetchService
 
 ALICE = "alice-token-0123456789"
 BOB = "bob-token-0123456789abc"
@@ -37,7 +38,7 @@ def parse(args: list[str], environ: dict[str, str] | None = None) -> tap.Options
     return options
 
 
-def logged_while(call: Callable[[], tap.CurlfetchService]) -> tuple[Any, list[dict[str, Any]]]:
+def logged_while(call: Callable[[], CurlfetchService]) -> tuple[Any, list[dict[str, Any]]]:
     """``call()``'s result and the log events emitted meanwhile."""
     events: list[dict[str, Any]] = []
     observer = cast(ILogObserver, events.append)

@@ -1,0 +1,238 @@
+"""The service tree's parts: the root that starts and stops its children in order, the
+children made of two callables (the stores, the engine, metrics), and retention.
+
+Order of start-up and shutdown (``CurlfetchService``):
+
+- twistd does not wait for a Deferred returned by ``startService``, so the root starts its
+  children one after another itself, each once the previous one is up: the store opens
+  (putting jobs a killed process left ``running`` back to ``queued``) before the scheduler
+  claims anything, and the HTTP port opens last. A listening port means a ready service;
+  before that, connections are refused. If start-up fails, the process exits with 1.
+- SIGTERM: twistd's handler calls ``reactor.stop()``, which fires the "before shutdown"
+  triggers and waits for their Deferreds; twistd registered the application's
+  ``stopService`` as one of them. The root's ``stopService`` drains first, with the port
+  still open: ``/readyz`` and new submissions answer 503 at once, transfers in flight get
+  ``--drain-timeout`` seconds, and the rest go back to ``queued``. Then the children stop
+  in reverse order, one at a time: the port closes, the scheduler stops, the engine and
+  the store close (flushing every write), and twistd exits 0.
+
+Nothing here imports the global reactor: each part is given the one to use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet import threads
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .api import JobAPI
+from .bodies import DirectoryBodyStore
+from .scheduler import Scheduler
+from .store import JobStore
+
+log = Logger()
+
+STALE_SHARED_TEMP = 24 * 3600.0
+"""With a shared body directory (--database), a partial body older than this (seconds)
+is a crashed writer's."""
+
+
+class LifecycleService(Service):
+    """A named child made of two callables; either may return a Deferred, which the root
+    waits for before it moves on to the next child."""
+
+    def __init__(
+        self,
+        name: str,
+        start: Callable[[], object] | None = None,
+        stop: Callable[[], object] | None = None,
+    ) -> None:
+        self.setName(name)
+        self._on_start = start
+        self._on_stop = stop
+
+    def startService(self) -> Deferred[object]:
+        super().startService()
+        return maybeDeferred(self._on_start) if self._on_start is not None else succeed(None)
+
+    def stopService(self) -> Deferred[object]:
+        super().stopService()
+        return maybeDeferred(self._on_stop) if self._on_stop is not None else succeed(None)
+
+
+def store_service(
+    reactor: Any, *, store: JobStore, bodies: DirectoryBodyStore, shared: bool
+) -> LifecycleService:
+    """The "store" child: opens the job store (requeueing what a killed process left
+    running) and the body store; after the drain, closes both. ``shared``: other
+    instances write to the same body directory."""
+
+    async def open_stores() -> None:
+        recovered = await store.open()
+        if recovered:
+            log.info("requeued {count} jobs a previous process left running", count=recovered)
+        # A body directory shared with other instances holds their writes in progress:
+        # only files far older than any transfer are a crashed writer's.
+        older_than = STALE_SHARED_TEMP if shared else 0.0
+        stale = await threads.deferToThreadPool(
+            reactor, reactor.getThreadPool(), bodies.remove_stale_temp_files, older_than
+        )
+        if stale:
+            log.info("removed {count} partial bodies", count=stale)
+        bodies.start()
+
+    async def close_stores() -> None:
+        # After the scheduler's drain, which waited for every commit it started.
+        try:
+            await bodies.close()
+        finally:
+            await store.close()
+
+    return LifecycleService(
+        "store",
+        lambda: Deferred.fromCoroutine(open_stores()),
+        lambda: Deferred.fromCoroutine(close_stores()),
+    )
+
+
+class CurlfetchService(MultiService):
+    """The root: starts its children in order, each once the previous one is up; on stop,
+    drains, then stops the children that started, in reverse order, one at a time."""
+
+    def __init__(
+        self, reactor: Any, *, api: JobAPI, scheduler: Scheduler, drain_timeout: float
+    ) -> None:
+        super().__init__()
+        self._reactor = reactor
+        self.api = api
+        self.scheduler = scheduler
+        self.drain_timeout = drain_timeout
+        self._started: list[Service] = []
+        self.stopped_cleanly = False
+        """True once a stop has drained and closed everything without an error."""
+        self._starting: Deferred[None] | None = None
+        self._startup_failure: Failure | None = None
+        self._start_waiters: list[Deferred[None]] = []
+
+    def privilegedStartService(self) -> None:
+        # Not passed on: the HTTP child would bind here, before the store is open.
+        Service.privilegedStartService(self)
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self._starting = Deferred.fromCoroutine(self._start_children())
+
+    async def _start_children(self) -> None:
+        try:
+            for child in self:
+                if not self.running:
+                    return  # stopped while starting
+                await maybeDeferred(child.startService)
+                self._started.append(child)
+        except Exception:
+            self._startup_failure = Failure()
+            log.failure("curlfetch could not start", self._startup_failure)
+        finally:
+            waiters, self._start_waiters = self._start_waiters, []
+            for waiter in waiters:
+                self._fire_started(waiter)
+
+    def _fire_started(self, waiter: Deferred[None]) -> None:
+        if self._startup_failure is not None:
+            waiter.errback(self._startup_failure)
+        else:
+            waiter.callback(None)
+
+    def when_started(self) -> Deferred[None]:
+        """Fires once every child is up; fails with what stopped start-up."""
+        waiter: Deferred[None] = Deferred()
+        if self._starting is not None and self._starting.called:
+            self._fire_started(waiter)
+        else:
+            self._start_waiters.append(waiter)
+        return waiter
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop_children())
+
+    async def _stop_children(self) -> None:
+        if self._starting is not None:
+            await self._starting
+        clean = self._startup_failure is None
+        try:
+            await self.drain()
+        except Exception:
+            clean = False
+            log.failure("draining failed")
+        for child in reversed(self._started):
+            try:
+                await maybeDeferred(child.stopService)
+            except Exception:
+                clean = False
+                log.failure("stopping {service} failed", service=child.name)
+        self._started.clear()
+        self.stopped_cleanly = clean
+        log.info("curlfetch stopped")
+
+    async def drain(self) -> None:
+        """Readiness and new submissions fail at once; running transfers get
+        ``drain_timeout`` seconds to finish, then go back to ``queued``."""
+        self.api.start_draining()
+        if not self.scheduler.running:
+            return
+        started = self._reactor.seconds()
+        log.info(
+            "draining: {in_flight} transfers running, {timeout}s to finish",
+            in_flight=self.scheduler.in_flight,
+            timeout=self.drain_timeout,
+        )
+        await self.scheduler.drain(self.drain_timeout)
+        log.info("drained in {seconds:.2f}s", seconds=self._reactor.seconds() - started)
+
+
+class RetentionService(TimerService):
+    """Deletes finished jobs older than the retention, and their bodies, periodically
+    (every tenth of the retention, between 1 s and 1 h)."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        *,
+        store: JobStore,
+        bodies: DirectoryBodyStore,
+        retention: float,
+    ) -> None:
+        super().__init__(min(max(retention / 10, 1.0), 3600.0), self.purge)
+        self.clock = reactor
+        self.setName("retention")
+        self.retention = retention
+        self._reactor = reactor
+        self._store = store
+        self._bodies = bodies
+
+    def purge(self) -> Deferred[None]:
+        """One pass; a failure is logged, and the next pass tries again."""
+        return Deferred.fromCoroutine(self._purge())
+
+    async def _purge(self) -> None:
+        try:
+            ids = await self._store.purge(self._reactor.seconds() - self.retention)
+            if not ids:
+                return
+            # The rows go first: a crash in between leaves unreferenced files, never a
+            # job whose body is missing. Unlinking many files is for a thread.
+            removed = await threads.deferToThreadPool(
+                self._reactor, self._reactor.getThreadPool(), self._bodies.delete, ids
+            )
+            log.info(
+                "retention: purged {jobs} jobs, {bodies} bodies", jobs=len(ids), bodies=removed
+            )
+        except Exception:
+            log.failure("retention purge failed")
