@@ -60,14 +60,14 @@ from .quotas import ClientQuotas
 from .redact import redact_event, redact_text
 from .scheduler import Scheduler, SchedulerConfig
 from .store import JobStore
-from .store_pg import (
+from .store.postgres import (
     DEFAULT_LEASE,
     PostgresJobStore,
     default_instance_id,
     is_postgres_url,
     redact_dsn,
 )
-from .store_sqlite import SQLiteJobStore
+from .store.sqlite import SQLiteJobStore
 
 log = Logger()
 

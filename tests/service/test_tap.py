@@ -25,7 +25,8 @@ from curlfetch import tap
 from curlfetch.bodies import DirectoryBodyStore
 from curlfetch.jobs import JobState
 from curlfetch.scheduler import Scheduler
-from curlfetch.store_sqlite import SQLiteJobStore, StoreClosedError
+from curlfetch.store import StoreClosedError
+from curlfetch.store.sqlite import SQLiteJobStore
 
 from .conftest import make_job, reactor, within
 
