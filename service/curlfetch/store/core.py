@@ -254,7 +254,7 @@ class StoreCore(abc.ABC):
 
     @abc.abstractmethod
     def _inserter(self, jobs: Sequence[Job]) -> Callable[[Any], None]:
-        """Prepares, on the reactor, the statement(s) that insert the jobs."""
+        """What inserts the jobs, in the database thread (within ``add``'s operation)."""
 
     @abc.abstractmethod
     def _saver(self, jobs: Sequence[Job]) -> Work:

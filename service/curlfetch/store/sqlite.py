@@ -227,10 +227,11 @@ class SQLiteJobStore(StoreCore):
     # -- the SQL that differs --------------------------------------------------------------
 
     def _inserter(self, jobs: Sequence[Job]) -> Callable[[Any], None]:
-        rows = [insert_row(job) for job in jobs]
+        batch = list(jobs)
 
         def insert(conn: sqlite3.Connection) -> None:
-            conn.executemany(_INSERT, rows)
+            # The rows are encoded here, in the database thread: off the reactor.
+            conn.executemany(_INSERT, [insert_row(job) for job in batch])
 
         return insert
 
