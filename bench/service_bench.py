@@ -419,7 +419,10 @@ async def drive(args: Args, service: Service, result: Result) -> None:
 
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
 _THREAD = re.compile(r"^thread \(\d+\): (?P<name>.*?)(?:-\d+-\d+)?$")
-_CONVERSIONS = frozenset({"to_json", "from_json", "spec_from_stored", "_row", "_save_row", "_job"})
+_CONVERSIONS = frozenset(
+    {"to_json", "from_json", "spec_from_stored", "insert_row", "save_row", "job_from_row"}
+)
+_STORE = ("service/curlfetch/store/core.py", "service/curlfetch/store/sqlite.py")
 
 
 def _area(file: str, func: str) -> str | None:
@@ -431,14 +434,16 @@ def _area(file: str, func: str) -> str | None:
     if file.startswith("json/"):
         return "JSON encode/decode (json.dumps/loads)"
     if (
-        file in ("service/curlfetch/jobs.py", "service/curlfetch/store_sqlite.py")
+        file in ("service/curlfetch/jobs.py", "service/curlfetch/store/rows.py")
         and name in _CONVERSIONS
     ):
-        return "Job <-> dict/row conversion (jobs.py to_json/from_json, store _row/_job)"
-    if file == "service/curlfetch/store_sqlite.py" and ("<locals>" in func or name == "_run_batch"):
-        return "SQLite statements (store_sqlite.py closures, in the pool thread)"
-    if file == "service/curlfetch/store_sqlite.py":
-        return "store queue, reactor side (store_sqlite.py _submit/_flush/_flushed)"
+        return "Job <-> dict/row conversion (jobs.py to_json/from_json, store/rows.py)"
+    if file in _STORE and (
+        "<locals>" in func or name in ("_run_batch", "run_with_savepoints", "resolve")
+    ):
+        return "SQLite statements (store closures, in the pool thread)"
+    if file in _STORE:
+        return "store queue, reactor side (store/core.py _submit/_flush/_flushed)"
     if file == "service/curlfetch/jobs.py":
         return "job specs: validation, JobSpec.host (service/curlfetch/jobs.py)"
     if file == "service/curlfetch/api.py":

@@ -25,7 +25,7 @@ import attrs
 from twisted.internet import defer, task
 
 from curlfetch.jobs import Job, JobSpec, JobState, Limits, new_job_id
-from curlfetch.store_sqlite import SQLiteJobStore
+from curlfetch.store.sqlite import SQLiteJobStore
 
 
 def make_jobs(n: int) -> list[Job]:

@@ -64,9 +64,9 @@ from .store import (
     IdempotencyMismatchError,
     IdempotencyRecord,
     JobStore,
+    StoreClosedError,
     StoredResponse,
 )
-from .store_sqlite import StoreClosedError
 
 log = Logger()
 T = TypeVar("T")

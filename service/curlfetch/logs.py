@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 
 from .options import Config
 from .redact import redact_event, redact_text
-from .store_pg import redact_dsn
+from .store.postgres import redact_dsn
 
 log = Logger()
 

@@ -21,7 +21,7 @@ from twisted.python import usage
 from .auth import TokenError, TokenSet, load_tokens
 from .egress import EgressPolicy, parse_cidr, parse_host_pattern, parse_ports
 from .quotas import ClientQuotas
-from .store_pg import DEFAULT_LEASE, is_postgres_url, redact_dsn
+from .store.postgres import DEFAULT_LEASE, is_postgres_url, redact_dsn
 
 ENV_PREFIX = "CURLFETCH_"
 DB_NAME = "jobs.sqlite3"

@@ -25,8 +25,8 @@ from .options import Config, Options
 from .process import exit_0_if_clean, exit_1_after_shutdown, ready, tune_gc
 from .scheduler import Scheduler, SchedulerConfig
 from .services import CurlfetchService, LifecycleService, RetentionService, store_service
-from .store_pg import PostgresJobStore, default_instance_id
-from .store_sqlite import SQLiteJobStore
+from .store.postgres import PostgresJobStore, default_instance_id
+from .store.sqlite import SQLiteJobStore
 
 __all__ = ["Options", "build_service", "json_log_observer", "makeService"]
 """``json_log_observer`` too: ``--logger=curlfetch.tap.json_log_observer`` is documented."""

@@ -30,7 +30,7 @@ from curlfetch.jobs import Limits
 from curlfetch.metrics import Metrics
 from curlfetch.quotas import ClientQuotas
 from curlfetch.scheduler import Scheduler, SchedulerConfig
-from curlfetch.store_sqlite import SQLiteJobStore
+from curlfetch.store.sqlite import SQLiteJobStore
 from tests.engine.servers import LoopbackSite
 
 from .conftest import reactor

@@ -21,8 +21,8 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from curlfetch.store_pg import PostgresJobStore
-from curlfetch.store_sqlite import SQLiteJobStore
+from curlfetch.store.postgres import PostgresJobStore
+from curlfetch.store.sqlite import SQLiteJobStore
 
 POSTGRES_URL = os.environ.get("CURLFETCH_TEST_DATABASE_URL", "postgresql://127.0.0.1:5432/test")
 REQUIRE_POSTGRES = os.environ.get("CURLFETCH_REQUIRE_POSTGRES", "") == "1"

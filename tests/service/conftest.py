@@ -14,7 +14,7 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 
 from curlfetch.jobs import Job, JobSpec, JobState, Limits, new_job_id
-from curlfetch.store_sqlite import SQLiteJobStore
+from curlfetch.store.sqlite import SQLiteJobStore
 
 from .backends import AnyStore, Backend, PostgresSchema, require_postgres
 

@@ -17,7 +17,7 @@ from twisted.internet import defer, task
 
 from curlfetch.bodies import DirectoryBodyStore
 from curlfetch.jobs import Job, JobSpec, JobState, Limits, new_job_id
-from curlfetch.store_sqlite import SQLiteJobStore
+from curlfetch.store.sqlite import SQLiteJobStore
 
 
 async def add_one(reactor: Any, path: str) -> None:

@@ -21,7 +21,7 @@ from curlfetch.store import (
     IdempotencyRecord,
     StoredResponse,
 )
-from curlfetch.store_sqlite import MIGRATIONS
+from curlfetch.store.sqlite import MIGRATIONS
 
 from .apiserver import Reply, Service, ServiceFactory, services, svc
 from .backends import AnyStore, Backend

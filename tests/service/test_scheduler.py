@@ -29,7 +29,7 @@ from curlfetch.scheduler import (
     parse_retry_after,
     retry_delay,
 )
-from curlfetch.store_sqlite import SQLiteJobStore
+from curlfetch.store.sqlite import SQLiteJobStore
 from tests.engine.conftest import curl_registrations
 from tests.engine.faults import FaultServer, canned, refused_port, silent
 from tests.engine.servers import LoopbackSite, pattern_bytes

@@ -16,11 +16,12 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, utils
 
-from curlfetch import store_pg, store_sqlite
 from curlfetch.jobs import BodyInfo, Job, JobError, JobResult, JobState
-from curlfetch.store import JobStore
-from curlfetch.store_pg import PostgresJobStore
-from curlfetch.store_sqlite import SchemaVersionError, SQLiteJobStore, StoreClosedError
+from curlfetch.store import JobStore, SchemaVersionError, StoreClosedError
+from curlfetch.store import postgres as store_pg
+from curlfetch.store import sqlite as store_sqlite
+from curlfetch.store.postgres import PostgresJobStore
+from curlfetch.store.sqlite import SQLiteJobStore
 
 from .backends import AnyStore, Backend
 from .conftest import db_path, make_job, open_backend, open_store, reactor, within

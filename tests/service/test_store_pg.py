@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 from curlfetch.jobs import JobState
 from curlfetch.store import IdempotencyInProgressError, IdempotencyRecord, StoredResponse
-from curlfetch.store_pg import (
+from curlfetch.store.postgres import (
     PostgresJobStore,
     StoreClosedError,
     default_instance_id,

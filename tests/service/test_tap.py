@@ -29,7 +29,8 @@ from curlfetch.options import DEFAULTS, ENV_PREFIX, Config, parse_duration
 from curlfetch.process import GC_THRESHOLDS
 from curlfetch.scheduler import Scheduler
 from curlfetch.services import CurlfetchService, RetentionService
-from curlfetch.store_sqlite import SQLiteJobStore, StoreClosedError
+from curlfetch.store import StoreClosedError
+from curlfetch.store.sqlite import SQLiteJobStore
 
 from .conftest import make_job, reactor, within
 

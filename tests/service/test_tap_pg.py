@@ -16,8 +16,9 @@ from twisted.python import usage
 
 from curlfetch import tap
 from curlfetch.options import DB_NAME, ENV_PREFIX, Config
-from curlfetch.store_pg import DEFAULT_LEASE, PostgresJobStore
-from curlfetch.store_sqlite import SQLiteJobStore, StoreClosedError
+from curlfetch.store import StoreClosedError
+from curlfetch.store.postgres import DEFAULT_LEASE, PostgresJobStore
+from curlfetch.store.sqlite import SQLiteJobStore
 
 from .backends import PostgresSchema, require_postgres
 from .conftest import make_job, reactor, within

@@ -1,15 +1,17 @@
 """What the SQLite and PostgreSQL stores share below SQL: how a ``Job`` becomes a row and
 back (spec, metadata, result and error as JSON), how a stored Idempotency-Key is judged,
-and the queued-job counters, so both backends behave exactly alike."""
+and the queued-job counters, so both backends behave exactly alike. Pure functions: they
+run in the database threads as well as on the reactor."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .jobs import Job, JobError, JobResult, JobState, spec_from_stored
-from .store import (
+from ..jobs import Job, JobError, JobResult, JobState, spec_from_stored
+from . import (
     IDEMPOTENCY_ABANDONED_AFTER,
     IDEMPOTENCY_TTL,
     IdempotencyInProgressError,
@@ -42,6 +44,27 @@ def insert_row(job: Job) -> tuple[object, ...]:
     )
 
 
+def save_row(job: Job) -> tuple[object, ...]:
+    """The columns ``save`` writes, the id last."""
+    return (
+        job.state.value,
+        job.attempts,
+        job.not_before,
+        job.started_at,
+        job.finished_at,
+        None if job.result is None else dumps(job.result.to_json()),
+        None if job.error is None else dumps(job.error.to_json()),
+        job.id,
+    )
+
+
+COLUMNS = (
+    "seq, id, client, state, created_at, not_before, started_at, finished_at, attempts, "
+    "spec, metadata, result, error"
+)
+"""What ``job_from_row`` reads, in its order."""
+
+
 def job_from_row(row: Sequence[Any]) -> Job:
     (
         _seq,
@@ -71,6 +94,15 @@ def job_from_row(row: Sequence[Any]) -> Job:
         result=None if result is None else JobResult.from_json(json.loads(result)),
         error=None if error is None else JobError.from_json(json.loads(error)),
     )
+
+
+def claimed(rows: Iterable[Sequence[Any]]) -> tuple[list[Job], dict[str, int]]:
+    """The jobs a claim's ``UPDATE ... RETURNING`` marked, in claim order (RETURNING comes
+    in none), and the change to the queued counters."""
+    pairs = [(row[0], job_from_row(row)) for row in rows]
+    pairs.sort(key=lambda sj: (-sj[1].spec.priority, sj[0]))
+    jobs = [job for _, job in pairs]
+    return jobs, {c: -n for c, n in Counter(job.client for job in jobs).items()}
 
 
 def judge_key(

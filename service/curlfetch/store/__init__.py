@@ -1,8 +1,20 @@
-"""The durable job store: the interface every backend implements (SQLite now, PostgreSQL
-later), so the scheduler and the API never see SQL.
+"""The durable job store: the interface every backend implements, so the scheduler and
+the API never see SQL.
 
 Every method returns a Deferred and never blocks the reactor. A Deferred from ``add``
 fires only once the jobs are committed: the API answers 201 after that, never before.
+
+The package:
+
+- this module: the ``JobStore`` interface, its value types and errors;
+- ``core``: ``StoreCore``, what both backends share: the batching writer (one
+  transaction per reactor turn), the close protocol, the counters, and the ``JobStore``
+  methods written once against the backend's connection;
+- ``rows``: how a ``Job`` becomes a row and back, and how a stored Idempotency-Key is
+  judged;
+- ``sqlite``: ``SQLiteJobStore``, one file behind one connection, and its SQL;
+- ``postgres``: ``PostgresJobStore``, several instances on one PostgreSQL: threads,
+  pipeline mode, leases, NOTIFY, and its SQL.
 """
 
 from __future__ import annotations
@@ -13,7 +25,7 @@ from typing import Protocol
 import attrs
 from twisted.internet.defer import Deferred
 
-from .jobs import Job, JobState
+from ..jobs import Job, JobState
 
 IDEMPOTENCY_TTL = 24 * 3600.0
 """Seconds an Idempotency-Key is remembered (the IETF draft and Stripe: at least 24 h)."""
@@ -51,6 +63,15 @@ class IdempotencyMismatchError(Exception):
 
 class IdempotencyInProgressError(Exception):
     """The first request with this key is still being accepted (409)."""
+
+
+class StoreClosedError(RuntimeError):
+    """The store is not open (never opened, closing, or closed). One type for every
+    backend: the API maps it to 503."""
+
+
+class SchemaVersionError(RuntimeError):
+    """The database was written by a newer curlfetch: refuse rather than corrupt it."""
 
 
 class JobStore(Protocol):

@@ -1,0 +1,585 @@
+"""``StoreCore``: what the SQLite and PostgreSQL stores share above their connections.
+
+A backend (``sqlite``, ``postgres``) subclasses it and brings only its connection
+handling and the SQL that differs; everything else is written here once:
+
+- **One transaction per reactor turn.** Every write becomes an operation (``Op``) on a
+  queue; ``reactor.callLater(0)`` flushes the queue as one batch, in call order, which the
+  backend runs as one transaction in its thread (``_run``). While a batch is in the
+  thread, new operations pile up for the next one (group commit): the commit (an fsync)
+  is paid per batch, not per job. A Deferred fires only after its batch has committed.
+- **Each operation fails alone.** A failing operation (a duplicate id) is rolled back to
+  its savepoint and errbacks alone (``run_with_savepoints``); the others commit. A backend
+  whose savepoints cost round trips runs a batch without them first, and again with them
+  only if something failed (PostgreSQL's pipeline mode).
+- **Results read late.** An operation returns ``(value, queued_delta)`` or a ``Later``:
+  how to read its result once the batch's statements have been sent (in PostgreSQL's
+  pipeline mode such an operation costs no round trip of its own).
+- **Reads** go through ``_read``: on SQLite, an operation of the batch like any other; on
+  PostgreSQL, a reader connection once the writes submitted before it have committed.
+- **Counters.** ``queued()``/``queued_for()`` follow the committed writes: every operation
+  reports the change it made per client (``queued_delta``), applied once its batch has
+  committed. ``transactions`` counts committed batches, ``skipped_saves`` saved jobs that
+  were no longer ``running`` (cancelled while they ran, or, on PostgreSQL, reaped).
+- **Close.** Stop taking calls, let the backend stop its own timers (``_quiesce``), flush
+  what is queued, wait until nothing is in flight, then let the backend finish
+  (``_finish``: a checkpoint, a disconnect) and release its threads (``_release``).
+- **A batch's fate.** ``_flushed`` is the one place that learns how a batch ended: its
+  outcomes after the commit, or a failure of the batch as a whole (BEGIN, the claim lock
+  or COMMIT). Today the latter errbacks every operation of the batch.
+
+The ``JobStore`` methods below use the portable SQL (``PortableSQL``, one placeholder
+style per backend) and a few hooks for what differs: inserting and saving jobs (SQLite
+``executemany``, PostgreSQL ``unnest``), claiming (rooms, leases, locks), and what a
+cancel tells another instance.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections import Counter
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any, Protocol
+
+import attrs
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall
+from twisted.python.failure import Failure
+
+from ..jobs import Job, JobState
+from . import (
+    IDEMPOTENCY_TTL,
+    IdempotencyInProgressError,
+    IdempotencyRecord,
+    StoreClosedError,
+    StoredResponse,
+)
+from .portable import Connection, PortableSQL
+from .rows import QueuedCounts, dumps, job_from_row, judge_key
+
+Delta = Mapping[str, int]
+"""An operation's change to the queued count of each client it touched."""
+NONE: Delta = {}
+
+
+@attrs.frozen
+class Later:
+    """What an operation whose statements cannot fail in Python returns instead of its
+    result: how to read the result once the batch's statements have been synced."""
+
+    finish: Callable[[], tuple[Any, Delta]]
+
+
+Result = tuple[Any, Delta] | Later
+Work = Callable[[Any], Result]
+"""Runs in the database thread with the backend's connection."""
+
+
+@attrs.define
+class Op:
+    work: Work
+    deferred: Deferred[Any]
+    write: bool = True
+    """SQLite: the batch takes the write lock at BEGIN."""
+    lock: bool = False
+    """PostgreSQL: take the claim lock at the start of the batch (a per-host cap)."""
+    recount: bool = False
+    """The value is ``(value, counts)``: ``counts`` replaces the queued counters."""
+
+
+@attrs.frozen
+class Outcome:
+    ok: bool
+    value: Any
+    queued_delta: Delta
+
+
+def resolve(result: Result) -> tuple[Any, Delta]:
+    return result.finish() if isinstance(result, Later) else result
+
+
+def run_with_savepoints(
+    conn: Connection, ops: Sequence[Op], gone: Callable[[], bool] = lambda: False
+) -> list[Outcome]:
+    """Each operation in its own savepoint, inside a transaction the caller began (and
+    commits): a failing one is rolled back alone. If the connection is ``gone``, the
+    whole batch fails."""
+    outcomes: list[Outcome] = []
+    for op in ops:
+        conn.execute("SAVEPOINT op")
+        try:
+            value, delta = resolve(op.work(conn))
+        except Exception as e:
+            if gone():
+                raise
+            conn.execute("ROLLBACK TO SAVEPOINT op")
+            conn.execute("RELEASE SAVEPOINT op")
+            outcomes.append(Outcome(ok=False, value=e, queued_delta=NONE))
+        else:
+            conn.execute("RELEASE SAVEPOINT op")
+            outcomes.append(Outcome(ok=True, value=value, queued_delta=delta))
+    return outcomes
+
+
+@attrs.frozen
+class Caps:
+    """A capped claim's rooms as the caller gave them; ``skip_hosts`` have none."""
+
+    limit: int
+    per_host: int | None
+    host_room: dict[str, int]
+    per_client: int | None
+    client_room: dict[str, int]
+    """Empty unless ``per_client`` is given."""
+
+
+class Picker:
+    """The greedy pick of a capped claim, in claim order: a job is taken unless its host
+    or its client has no room left, until ``limit`` are taken. Never exceeds a room, and a
+    host or client without room does not hold back the others' jobs."""
+
+    __slots__ = ("client_default", "client_left", "host_default", "host_left", "limit", "picked")
+
+    def __init__(
+        self,
+        limit: int,
+        host_left: dict[str, int],
+        host_default: int,
+        client_left: dict[str, int],
+        client_default: int | None,
+    ) -> None:
+        self.limit = limit
+        self.host_left = host_left
+        self.host_default = host_default
+        self.client_left = client_left
+        self.client_default = client_default
+        """None: clients are not capped."""
+        self.picked: list[int] = []
+
+    def offer(self, seq: int, host: str, client: str) -> bool:
+        """Take the job if its host and client have room; False if not."""
+        hleft = self.host_left.get(host, self.host_default)
+        cleft = self.client_left.get(client, self.client_default)
+        if hleft <= 0 or (cleft is not None and cleft <= 0):
+            return False
+        self.picked.append(seq)
+        self.host_left[host] = hleft - 1
+        if cleft is not None:
+            self.client_left[client] = cleft - 1
+        return True
+
+    @property
+    def done(self) -> bool:
+        return len(self.picked) >= self.limit
+
+    def full_hosts(self) -> list[str]:
+        return [h for h, n in self.host_left.items() if n <= 0]
+
+    def full_clients(self) -> list[str]:
+        return [c for c, n in self.client_left.items() if n <= 0]
+
+
+class Clock(Protocol):
+    def callLater(
+        self, delay: float, callable: Callable[..., Any], *args: object, **kwargs: object
+    ) -> IDelayedCall: ...
+    def seconds(self) -> float: ...
+
+
+class StoreCore(abc.ABC):
+    """The ``JobStore`` (see ``curlfetch.store``) over a backend's connection.
+
+    ``transactions`` counts committed batches; ``skipped_saves`` counts saved jobs that
+    ``save`` left alone (no longer ``running`` for this store). ``owner`` names this
+    store object's Idempotency-Key reservations: unique per object, so a restarted
+    process abandons its predecessor's (see ``IDEMPOTENCY_ABANDONED_AFTER``).
+    """
+
+    sql: PortableSQL
+
+    def __init__(self, reactor: Clock, owner: str, label: str) -> None:
+        self.transactions = 0
+        self.skipped_saves = 0
+        self.owner = owner
+        self._reactor = reactor
+        self._label = label
+        self._opened = False
+        self._closing = False
+        self._counts = QueuedCounts()
+        self._pending: list[Op] = []
+        self._flush_call: IDelayedCall | None = None
+        self._in_flight = False
+        self._idle_waiters: list[Deferred[None]] = []
+        self._close_waiters: list[Deferred[None]] = []
+
+    # -- what a backend brings ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _start(self) -> None:
+        """Start the backend's threads (``open``, before ``_setup``)."""
+
+    @abc.abstractmethod
+    async def _setup(self) -> tuple[int, Mapping[str, int]]:
+        """Connect, migrate, and requeue what was left running: (how many, the queued
+        count per client). On failure, the backend has disconnected."""
+
+    def _started(self) -> None:  # noqa: B027 - an optional hook
+        """The store is open: start timers and listeners."""
+
+    async def _quiesce(self) -> None:  # noqa: B027 - an optional hook
+        """Closing: stop what submits work of its own (timers, listeners)."""
+
+    @abc.abstractmethod
+    async def _finish(self) -> None:
+        """Closing, once nothing is in flight: the last words with the database."""
+
+    @abc.abstractmethod
+    def _release(self) -> None:
+        """Stop the backend's threads (after ``_finish``, or after a failed open)."""
+
+    @abc.abstractmethod
+    def _run(self, ops: list[Op]) -> Deferred[list[Outcome]]:
+        """Run a batch as one transaction in the backend's thread; fires after COMMIT."""
+
+    @abc.abstractmethod
+    def _read(self, work: Work) -> Deferred[Any]:
+        """A read that sees every write submitted before it."""
+
+    def _busy(self) -> bool:
+        """Anything queued or in flight (close waits for it)."""
+        return self._in_flight or bool(self._pending)
+
+    def _settled(self, count: int) -> None:  # noqa: B027 - an optional hook
+        """A batch of ``count`` operations has committed or failed."""
+
+    @abc.abstractmethod
+    def _inserter(self, jobs: Sequence[Job]) -> Callable[[Any], None]:
+        """What inserts the jobs, in the database thread (within ``add``'s operation)."""
+
+    @abc.abstractmethod
+    def _saver(self, jobs: Sequence[Job]) -> Work:
+        """The operation that saves the jobs; its value: how many were left alone."""
+
+    @abc.abstractmethod
+    def _claim(
+        self, limit: int, now: float, skip_hosts: Collection[str], caps: Caps | None
+    ) -> Deferred[list[Job]]:
+        """Claim with the backend's SQL; ``caps`` when the caller gave a per-host or
+        per-client cap."""
+
+    def _cancelled_running(  # noqa: B027 - an optional hook
+        self, conn: Any, job_id: str, owner: str | None
+    ) -> None:
+        """In the database thread: a running job of ``owner`` was just cancelled."""
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def open(self) -> Deferred[int]:
+        if self._opened:
+            return fail(RuntimeError("the store is already open"))
+        self._start()
+        self._opened = True
+        self._closing = False
+        return Deferred.fromCoroutine(self._open())
+
+    async def _open(self) -> int:
+        try:
+            recovered, queued = await self._setup()
+        except BaseException:
+            self._opened = False
+            self._release()
+            raise
+        self._counts.reset(queued)
+        self._started()
+        return recovered
+
+    def close(self) -> Deferred[None]:
+        if not self._opened:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._close_waiters.append(d)
+        if not self._closing:
+            self._closing = True
+            Deferred.fromCoroutine(self._close())
+        return d
+
+    async def _close(self) -> None:
+        failure: Failure | None = None
+        try:
+            await self._quiesce()
+            if self._flush_call is not None and self._flush_call.active():
+                self._flush_call.cancel()
+                self._flush_call = None
+                self._flush()
+            while self._busy():
+                waiter: Deferred[None] = Deferred()
+                self._idle_waiters.append(waiter)
+                await waiter
+            await self._finish()
+        except Exception:
+            failure = Failure()
+        finally:
+            self._release()
+            self._opened = False
+            waiters, self._close_waiters = self._close_waiters, []
+            for w in waiters:
+                if failure is None:
+                    w.callback(None)
+                else:
+                    w.errback(failure)
+
+    def _closed(self) -> Deferred[Any]:
+        return fail(StoreClosedError(f"{self._label}: the job store is not open"))
+
+    # -- the queue -------------------------------------------------------------------------------
+
+    def _submit(
+        self, work: Work, *, write: bool = True, lock: bool = False, recount: bool = False
+    ) -> Deferred[Any]:
+        """An operation for the next batch."""
+        if not self._opened or self._closing:
+            return self._closed()
+        d: Deferred[Any] = Deferred()
+        self._pending.append(Op(work, d, write, lock, recount))
+        self._schedule()
+        return d
+
+    def _schedule(self) -> None:
+        if self._pending and not self._in_flight and self._flush_call is None:
+            self._flush_call = self._reactor.callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_call = None
+        if self._in_flight or not self._pending:
+            return
+        ops, self._pending = self._pending, []
+        self._in_flight = True
+        self._run(ops).addBoth(self._flushed, ops)
+
+    def _flushed(self, result: list[Outcome] | Failure, ops: list[Op]) -> None:
+        self._in_flight = False
+        if isinstance(result, Failure):
+            # The batch as a whole failed (BEGIN, the claim lock, COMMIT, the connection):
+            # it was rolled back, or (PostgreSQL, a connection lost during COMMIT) its fate
+            # is unknown. Either way the queued counters are left as they were.
+            for op in ops:
+                if not op.deferred.called:
+                    op.deferred.errback(result)
+        else:
+            self.transactions += 1
+            for op, outcome in zip(ops, result, strict=True):
+                value = outcome.value
+                if op.recount and outcome.ok:
+                    value, counts = value
+                    self._counts.reset(counts)
+                else:
+                    self._counts.apply(outcome.queued_delta)
+                if op.deferred.called:  # cancelled by its caller; the write still happened
+                    continue
+                if outcome.ok:
+                    op.deferred.callback(value)
+                else:
+                    op.deferred.errback(Failure(value))
+        self._settled(len(ops))
+        self._schedule()
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        if self._busy():
+            return
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for w in waiters:
+            w.callback(None)
+
+    # -- the JobStore interface -------------------------------------------------------------------
+
+    def ping(self) -> Deferred[None]:
+        def ping(conn: Connection) -> tuple[None, Delta]:
+            conn.execute("SELECT 1").fetchone()
+            return None, NONE
+
+        return self._read(ping)
+
+    def reserve_key(
+        self, client: str, key: str, fingerprint: str, now: float
+    ) -> Deferred[StoredResponse | None]:
+        """In the write transaction: the row is read (``FOR UPDATE`` on PostgreSQL), then
+        judged (``judge_key``); a new key is inserted with ``ON CONFLICT DO NOTHING``, so
+        two instances reserving one key at once are serialized: the second sees the
+        first's reservation (and gets 409), never overwrites it. An expired or abandoned
+        key is taken over."""
+        sql, owner = self.sql, self.owner
+
+        def reserve(conn: Connection) -> tuple[StoredResponse | None, Delta]:
+            for _ in range(3):
+                row = conn.execute(sql.key_get, (client, key)).fetchone()
+                if row is None:
+                    inserted = conn.execute(
+                        sql.key_insert, (client, key, fingerprint, owner, now)
+                    ).fetchone()
+                    if inserted is not None:
+                        return None, NONE
+                    continue  # another instance inserted it just now: read it
+                stored = judge_key(row, key, fingerprint, owner, now)
+                if stored is not None:
+                    return stored, NONE
+                conn.execute(sql.key_take_over, (fingerprint, owner, now, client, key))
+                return None, NONE
+            raise IdempotencyInProgressError(
+                f"the request with Idempotency-Key {key!r} is still in progress"
+            )
+
+        return self._submit(reserve)
+
+    def release_key(self, client: str, key: str) -> Deferred[None]:
+        sql, owner = self.sql, self.owner
+
+        def release(conn: Connection) -> tuple[None, Delta]:
+            conn.execute(sql.key_release, (client, key, owner))
+            return None, NONE
+
+        return self._submit(release)
+
+    def add(
+        self, jobs: Sequence[Job], idempotency: IdempotencyRecord | None = None
+    ) -> Deferred[None]:
+        for job in jobs:
+            if job.state is not JobState.QUEUED:
+                return fail(ValueError(f"job {job.id} is {job.state}, not queued"))
+        if not jobs and idempotency is None:
+            return succeed(None)
+        insert = self._inserter(jobs) if jobs else None
+        clients = Counter(job.client for job in jobs)
+        record, sql, owner = idempotency, self.sql, self.owner
+
+        def add(conn: Connection) -> Result:
+            if record is not None:
+                # First: if the reservation is lost, the savepoint drops nothing but this.
+                response = record.response
+                headers = dumps([list(pair) for pair in response.headers])
+                params = (response.status, headers, response.body, record.client, record.key)
+                if conn.execute(sql.key_record, (*params, owner)).fetchone() is None:
+                    raise IdempotencyInProgressError(
+                        f"Idempotency-Key {record.key!r} is no longer reserved by this store"
+                    )
+            if insert is not None:
+                insert(conn)
+            # The insert fails only as a statement (a duplicate id), which the batch
+            # reports: nothing to wait for here.
+            return Later(lambda: (None, clients))
+
+        return self._submit(add)
+
+    def get(self, client: str, job_id: str) -> Deferred[Job | None]:
+        query = self.sql.get
+
+        def get(conn: Connection) -> tuple[Job | None, Delta]:
+            row = conn.execute(query, (job_id, client)).fetchone()
+            return (None if row is None else job_from_row(row)), NONE
+
+        return self._read(get)
+
+    def list_jobs(
+        self, client: str, state: JobState | None, limit: int, before_id: str | None
+    ) -> Deferred[list[Job]]:
+        p = self.sql.p
+        where = [f"client = {p}"]
+        params: list[object] = [client]
+        if state is not None:
+            where.append(f"state = {p}")
+            params.append(state.value)
+        if before_id is not None:
+            where.append(f"id < {p}")
+            params.append(before_id)
+        query = f"{self.sql.select} WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT {p}"
+        params.append(max(0, limit))
+
+        def list_jobs(conn: Connection) -> tuple[list[Job], Delta]:
+            return [job_from_row(row) for row in conn.execute(query, params)], NONE
+
+        return self._read(list_jobs)
+
+    def claim(
+        self,
+        limit: int,
+        now: float,
+        skip_hosts: Collection[str],
+        *,
+        per_host: int | None = None,
+        host_room: Mapping[str, int] | None = None,
+        per_client: int | None = None,
+        client_room: Mapping[str, int] | None = None,
+    ) -> Deferred[list[Job]]:
+        """Claims go to the backend (``_claim``): with a cap, as ``Caps``, the skipped
+        hosts having no room."""
+        if limit <= 0:
+            return succeed([])
+        caps = None
+        if per_host is not None or per_client is not None:
+            caps = Caps(
+                limit=limit,
+                per_host=per_host,
+                host_room={**(host_room or {}), **dict.fromkeys(skip_hosts, 0)},
+                per_client=per_client,
+                client_room=dict(client_room or {}) if per_client is not None else {},
+            )
+        return self._claim(limit, now, skip_hosts, caps)
+
+    def save(self, jobs: Sequence[Job]) -> Deferred[None]:
+        """Only jobs still ``running`` (on PostgreSQL: and owned by this instance) are
+        updated: a job cancelled while it ran stays cancelled, and an instance whose lease
+        expired cannot overwrite the next run. Both are counted in ``skipped_saves``."""
+        if not jobs:
+            return succeed(None)
+
+        def skipped(count: int) -> None:
+            self.skipped_saves += count
+
+        return self._submit(self._saver(jobs)).addCallback(skipped)
+
+    def cancel(self, client: str, job_id: str, now: float) -> Deferred[Job | None]:
+        """A running job owned by another instance is cancelled here, and its owner told
+        (``_cancelled_running``), so that it stops the transfer."""
+        sql, told = self.sql, self._cancelled_running
+
+        def cancel(conn: Connection) -> tuple[Job | None, Delta]:
+            row = conn.execute(sql.get_for_cancel, (job_id, client)).fetchone()
+            if row is None:
+                return None, NONE
+            job, owner = job_from_row(row[:-1]), row[-1]
+            if job.state.terminal:
+                return job, NONE
+            after = conn.execute(sql.cancel, (now, row[0])).fetchone()
+            assert after is not None
+            if job.state is JobState.RUNNING:
+                told(conn, job_id, owner)
+            return job_from_row(after), ({client: -1} if job.state is JobState.QUEUED else NONE)
+
+        return self._submit(cancel)
+
+    def counts(self) -> Deferred[dict[JobState, int]]:
+        def counts(conn: Connection) -> tuple[dict[JobState, int], Delta]:
+            out = dict.fromkeys(JobState, 0)
+            for state, n in conn.execute("SELECT state, count(*) FROM jobs GROUP BY state"):
+                out[JobState(state)] = n
+            return out, NONE
+
+        return self._read(counts)
+
+    def queued(self) -> int:
+        return self._counts.total
+
+    def queued_for(self, client: str) -> int:
+        return self._counts.for_client(client)
+
+    def purge(self, finished_before: float) -> Deferred[list[str]]:
+        """Also drops Idempotency-Keys older than ``IDEMPOTENCY_TTL`` by the reactor's
+        clock (the argument is about jobs; keys expire on their own schedule)."""
+        expired_before = self._reactor.seconds() - IDEMPOTENCY_TTL
+        sql = self.sql
+
+        def purge(conn: Connection) -> tuple[list[str], Delta]:
+            conn.execute(sql.key_purge, (expired_before,))
+            return [row[0] for row in conn.execute(sql.purge, (finished_before,))], NONE
+
+        return self._submit(purge)
