@@ -21,7 +21,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -50,6 +50,8 @@ METRIC_NAMES = (
     "curlfetch_curl_errors_total",
     "curlfetch_service_errors_total",
     "curlfetch_reactor_lag_seconds",
+    "curlfetch_orphans_requeued_total",
+    "curlfetch_store_retries_total",
 )
 """Every family ``render()`` exposes (documented in the README and the OpenAPI text)."""
 
@@ -59,11 +61,37 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 class _Store(Protocol):
     def counts(self) -> Deferred[dict[JobState, int]]: ...
     def queued(self) -> int: ...
+    @property
+    def retried_ops(self) -> int: ...
 
 
 class _Scheduler(Protocol):
     @property
     def in_flight(self) -> int: ...
+    @property
+    def orphans_requeued(self) -> int: ...
+
+
+class _Recovery(Collector):
+    """The counters of faults survived, read from the scheduler and the store: jobs the
+    self-check handed back, and store operations run again after the database failed."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        scheduler, store = self._metrics._scheduler, self._metrics._store
+        yield CounterMetricFamily(
+            "curlfetch_orphans_requeued",
+            "Jobs the store held as running for this instance without a transfer, "
+            "put back to the queue by the self-check.",
+            value=0 if scheduler is None else scheduler.orphans_requeued,
+        )
+        yield CounterMetricFamily(
+            "curlfetch_store_retries",
+            "Store operations (saves) run again after the database failed under them.",
+            value=0 if store is None else store.retried_ops,
+        )
 
 
 class _JobsByState(Collector):
@@ -98,6 +126,7 @@ class Metrics:
         r = self.registry
         self._jobs = _JobsByState()
         r.register(self._jobs)
+        r.register(_Recovery(self))
         self.submitted = Counter(
             "curlfetch_jobs_submitted", "Jobs accepted by POST /v1/jobs.", registry=r
         )

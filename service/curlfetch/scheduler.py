@@ -43,7 +43,7 @@ from .engine import (
     Response,
 )
 from .jobs import BodyInfo, Job, JobError, JobResult, JobState
-from .store import JobStore
+from .store import JobStore, StoreClosedError
 
 log = Logger()
 
@@ -87,6 +87,9 @@ class SchedulerConfig:
     with ``egress_denied``, never retried); None: no checks, as for a library user."""
     max_response_header_bytes: int | None = None
     """Response headers of one attempt, redirects included; None: libcurl's own cap."""
+    orphan_check_interval: float = 5.0
+    """Seconds between self-checks (``requeue_orphans``): jobs the store holds as running
+    for this scheduler that it is not running go back to the queue."""
 
 
 class SchedulerObserver(Protocol):
@@ -162,12 +165,20 @@ class Scheduler(Service):
         self._retry_timer: IDelayedCall | None = None  # the earliest retry coming due
         self._draining = False
         self._idle_waiters: list[Deferred[None]] = []
+        self._owned: set[str] = set()
+        """Claimed jobs whose last state change the store has not yet committed: the
+        ones the store may rightly hold as ``running`` for us (see ``_check_orphans``)."""
+        self._orphan_call: IDelayedCall | None = None
+        self.orphans_requeued = 0
 
     # -- service -------------------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         self.wake()
+        self._orphan_call = self._reactor.callLater(
+            self.config.orphan_check_interval, self._check_orphans
+        )
 
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]
@@ -242,6 +253,7 @@ class Scheduler(Service):
                     host.waiting.remove(job)
                     self._waiting -= 1
                     self._release(job)
+                    self._owned.discard(job_id)
                     self._forget_if_idle(name, host)
                     self.wake()  # its slot is free
                     return True
@@ -251,7 +263,7 @@ class Scheduler(Service):
         """Stop claiming; give running transfers ``timeout`` seconds, then put the rest
         back to ``queued``. Fires when every state change has been handed to the store."""
         self._draining = True
-        for call in (self._wakeup, self._retry_timer):
+        for call in (self._wakeup, self._retry_timer, self._orphan_call):
             if call is not None and call.active():
                 call.cancel()
         for name, host in list(self._hosts.items()):
@@ -267,6 +279,7 @@ class Scheduler(Service):
         self._waiting = 0
         if not self._running and not self._claiming and not self._committing:
             self._flush_saves()
+            self._last_orphan_check()
             return succeed(None)
         # A claim in flight is waited for: _admit puts its jobs back (they count as
         # handed over only then). So are body commits: their jobs are saved after.
@@ -358,6 +371,7 @@ class Scheduler(Service):
 
     def _claimed(self, jobs: list[Job], limit: int) -> None:
         self._claiming = False
+        self._owned.update(job.id for job in jobs)
         for job in jobs:
             try:
                 self._admit(job)
@@ -450,6 +464,7 @@ class Scheduler(Service):
         if self._running or self._claiming or self._committing or not self._idle_waiters:
             return
         self._flush_saves()
+        self._last_orphan_check()
         waiters, self._idle_waiters = self._idle_waiters, []
         for waiter in waiters:
             waiter.callback(None)
@@ -537,7 +552,8 @@ class Scheduler(Service):
                 # Drained, or the client was closed under us (shutdown): put it back
                 # untouched rather than fail it for something the target did not do.
                 self._save(self._requeued(job, None))
-            # "cancelled": the store already says so; nothing to save.
+            else:  # the store already says so: nothing to save
+                self._owned.discard(job.id)
             return
         response: Response | None
         error: JobError | None
@@ -665,10 +681,63 @@ class Scheduler(Service):
             call.cancel()
         jobs, self._saves = self._saves, []
         if jobs:
-            self._store.save(jobs).addErrback(
-                lambda f: log.failure("saving {count} jobs failed", f, count=len(jobs))
-            )
+            # The store runs a save again until it commits; a failure here means it gave
+            # up (closing): the jobs stay running in the store, requeued by its next start
+            # or by the self-check. Either way they are no longer ours to track.
+            self._store.save(jobs).addBoth(self._saved, [job.id for job in jobs])
         self._tell_observer()
+
+    def _saved(self, result: object, ids: list[str]) -> None:
+        self._owned.difference_update(ids)
+        if isinstance(result, Failure):
+            log.failure("saving {count} jobs failed", result, count=len(ids))
+
+    def _check_orphans(self) -> None:
+        """The self-check behind the store's retries: the store hands back the jobs it
+        holds as running for us that we hold nowhere (a claim whose answer was lost with
+        its connection, a save given up). Only while no claim is outstanding, so that
+        every job the store marked for us is either known here or an orphan."""
+        self._orphan_call = None
+        if self._draining:
+            return
+        if self._claiming:
+            self._orphan_call = self._reactor.callLater(0.1, self._check_orphans)
+            return
+        d = self._store.requeue_orphans(set(self._owned))
+        d.addCallbacks(self._orphans, self._orphan_check_failed)
+
+    def _last_orphan_check(self) -> None:
+        """Drained: whatever the store still holds as running for us, beyond the saves
+        just handed to it, goes back to the queue now rather than after a restart (it
+        runs before the store closes: the store flushes what it was given)."""
+        self._store.requeue_orphans(set(self._owned)).addCallbacks(
+            self._count_orphans, self._orphan_check_failed
+        )
+
+    def _orphans(self, ids: list[str]) -> None:
+        self._count_orphans(ids)
+        if ids:
+            self.wake()
+        self._next_orphan_check()
+
+    def _count_orphans(self, ids: list[str]) -> None:
+        if ids:
+            self.orphans_requeued += len(ids)
+            log.warn(
+                "requeued {count} jobs the store held as running without a transfer",
+                count=len(ids),
+            )
+
+    def _orphan_check_failed(self, failure: Failure) -> None:
+        if not failure.check(StoreClosedError):
+            log.failure("the self-check of running jobs failed", failure)
+        self._next_orphan_check()
+
+    def _next_orphan_check(self) -> None:
+        if not self._draining and self.running:
+            self._orphan_call = self._reactor.callLater(
+                self.config.orphan_check_interval, self._check_orphans
+            )
 
     def _observe(
         self, job: Job, seconds: float, response: Response | None, error: JobError | None

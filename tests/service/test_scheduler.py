@@ -904,3 +904,31 @@ async def test_closing_the_client_requeues_instead_of_failing(env: Env) -> None:
         assert (back.state, back.attempts) == (JobState.QUEUED, 0)
     assert env.log.starts == ["0"]
     await until(lambda: env.log.active == 0, "the server to see the connection close")
+
+
+# -- the self-check ----------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_job_running_in_the_store_without_a_transfer_is_requeued_and_run(
+    env: Env,
+) -> None:
+    """A job the store holds as running for this scheduler, which the scheduler never got
+    (a claim whose answer was lost with its connection), is found by the self-check,
+    put back to the queue (counted in ``orphans_requeued``) and then run to success; a
+    job the scheduler is running is left alone."""
+    slow = env.job("/delay?s=1")
+    await env.add(slow)
+    sched = env.scheduler(orphan_check_interval=0.1)
+    sched.startService()
+    await until(lambda: sched.in_flight == 1, "the slow job to start")
+    lost = env.job("/bytes?n=10")
+    await env.add(lost)
+    claimed = await within(env.store.claim(10, time.time(), ()))
+    assert [j.id for j in claimed] == [lost.id]  # marked running; nobody runs it
+    await until(lambda: sched.orphans_requeued == 1, "the self-check")
+    got = await env.settled(lost)
+    assert got.state is JobState.SUCCEEDED
+    assert got.attempts == 2  # the lost claim counted: at-least-once
+    assert (await env.settled(slow)).state is JobState.SUCCEEDED
+    assert sched.orphans_requeued == 1

@@ -70,11 +70,29 @@ class StoreClosedError(RuntimeError):
     backend: the API maps it to 503."""
 
 
+class StoreUnavailableError(StoreClosedError):
+    """The database could not be reached, or failed under a batch (a lost connection, a
+    restart, ``database is locked``, an I/O error, a full disk). A ``StoreClosedError``,
+    so that every caller that answers "try again later" (the API's 503) does so here too.
+
+    ``committed`` says what the store knows of the batch: False, rolled back; None, its
+    fate unknown (the connection died during COMMIT and the database did not answer).
+    A batch known to have committed is not a failure: its results are delivered."""
+
+    def __init__(self, message: str, committed: bool | None = False) -> None:
+        super().__init__(message)
+        self.committed = committed
+
+
 class SchemaVersionError(RuntimeError):
     """The database was written by a newer curlfetch: refuse rather than corrupt it."""
 
 
 class JobStore(Protocol):
+    @property
+    def retried_ops(self) -> int:
+        """Operations run again after the database failed under them (a metric)."""
+
     def open(self) -> Deferred[int]:
         """Create or migrate the schema, then put jobs left ``running`` by a previous
         process back to ``queued`` (at-least-once execution). Fires with how many."""
@@ -166,3 +184,11 @@ class JobStore(Protocol):
     def purge(self, finished_before: float) -> Deferred[list[str]]:
         """Delete terminal jobs finished before the time; fires with their ids. Also drops
         Idempotency-Keys older than ``IDEMPOTENCY_TTL``."""
+
+    def requeue_orphans(self, alive: Collection[str]) -> Deferred[list[str]]:
+        """Put back to ``queued`` the jobs this store's process holds as ``running``
+        (on PostgreSQL: owned by this instance) whose ids are not in ``alive``: a claim
+        whose answer was lost with its connection, or any other write that went astray.
+        The caller passes every job it has claimed and not yet seen saved, and calls this
+        only while no claim of its own is outstanding. Fires with the ids requeued
+        (attempts kept: at-least-once)."""

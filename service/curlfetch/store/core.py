@@ -25,8 +25,16 @@ handling and the SQL that differs; everything else is written here once:
   what is queued, wait until nothing is in flight, then let the backend finish
   (``_finish``: a checkpoint, a disconnect) and release its threads (``_release``).
 - **A batch's fate.** ``_flushed`` is the one place that learns how a batch ended: its
-  outcomes after the commit, or a failure of the batch as a whole (BEGIN, the claim lock
-  or COMMIT). Today the latter errbacks every operation of the batch.
+  outcomes after the commit, or a failure of the batch as a whole (BEGIN, the claim lock,
+  COMMIT, the connection). A backend reports a failure that is the database's, not the
+  operation's, as ``StoreUnavailableError``, after finding out whether the batch
+  committed where it can (PostgreSQL asks ``txid_status`` after a lost COMMIT; a batch
+  known to have committed is delivered as a success). Operations marked ``retry`` (the
+  scheduler's saves: losing one would leave its job ``running`` with nobody running it)
+  are run again, with backoff, until they commit; they are idempotent (a save touches
+  only rows still ``running`` for this store), so a batch whose fate is unknown is safe
+  to repeat. The others fail with ``StoreUnavailableError`` (503 at the API). What a lost
+  claim took is handed back by ``requeue_orphans``, the scheduler's self-check.
 
 The ``JobStore`` methods below use the portable SQL (``PortableSQL``, one placeholder
 style per backend) and a few hooks for what differs: inserting and saving jobs (SQLite
@@ -44,6 +52,7 @@ from typing import Any, Protocol
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..jobs import Job, JobState
@@ -53,9 +62,21 @@ from . import (
     IdempotencyRecord,
     StoreClosedError,
     StoredResponse,
+    StoreUnavailableError,
 )
 from .portable import Connection, PortableSQL
 from .rows import QueuedCounts, dumps, job_from_row, judge_key
+
+log = Logger()
+
+RETRY_FIRST = 0.05
+RETRY_MAX = 2.0
+"""Seconds between runs of retried operations while the database fails: doubling from
+the first to the max, so an outage of minutes costs a few statements a second."""
+RETRIES_WHILE_CLOSING = 3
+"""Runs a retried operation still gets once the store is closing: a drain must end. One
+still not committed then leaves its job ``running``, requeued by the next start (same
+instance id) or by another instance once its lease expires."""
 
 Delta = Mapping[str, int]
 """An operation's change to the queued count of each client it touched."""
@@ -85,6 +106,9 @@ class Op:
     """PostgreSQL: take the claim lock at the start of the batch (a per-host cap)."""
     recount: bool = False
     """The value is ``(value, counts)``: ``counts`` replaces the queued counters."""
+    retry: bool = False
+    """Run again (with backoff) until committed when the database fails under it."""
+    tries: int = 0
 
 
 @attrs.frozen
@@ -211,6 +235,11 @@ class StoreCore(abc.ABC):
         self._in_flight = False
         self._idle_waiters: list[Deferred[None]] = []
         self._close_waiters: list[Deferred[None]] = []
+        self._retrying: list[Op] = []  # waiting out the backoff
+        self._retry_call: IDelayedCall | None = None
+        self._failed_batches = 0  # in a row: the backoff's exponent
+        self.retried_ops = 0
+        """Operations run again after the database failed under them."""
 
     # -- what a backend brings ---------------------------------------------------------------
 
@@ -246,8 +275,13 @@ class StoreCore(abc.ABC):
         """A read that sees every write submitted before it."""
 
     def _busy(self) -> bool:
-        """Anything queued or in flight (close waits for it)."""
-        return self._in_flight or bool(self._pending)
+        """Anything queued, in flight or waiting to be retried (close waits for it)."""
+        return self._in_flight or bool(self._pending) or bool(self._retrying)
+
+    @abc.abstractmethod
+    def _owned_running(self) -> tuple[str, tuple[object, ...]]:
+        """The query (and its parameters) of the ``(id, client)`` of every job this
+        store holds as ``running``: all of them on SQLite, this instance's on PostgreSQL."""
 
     def _settled(self, count: int) -> None:  # noqa: B027 - an optional hook
         """A batch of ``count`` operations has committed or failed."""
@@ -311,6 +345,9 @@ class StoreCore(abc.ABC):
                 self._flush_call.cancel()
                 self._flush_call = None
                 self._flush()
+            if self._retry_call is not None and self._retry_call.active():
+                self._retry_call.cancel()
+                self._resume()
             while self._busy():
                 waiter: Deferred[None] = Deferred()
                 self._idle_waiters.append(waiter)
@@ -334,13 +371,19 @@ class StoreCore(abc.ABC):
     # -- the queue -------------------------------------------------------------------------------
 
     def _submit(
-        self, work: Work, *, write: bool = True, lock: bool = False, recount: bool = False
+        self,
+        work: Work,
+        *,
+        write: bool = True,
+        lock: bool = False,
+        recount: bool = False,
+        retry: bool = False,
     ) -> Deferred[Any]:
         """An operation for the next batch."""
         if not self._opened or self._closing:
             return self._closed()
         d: Deferred[Any] = Deferred()
-        self._pending.append(Op(work, d, write, lock, recount))
+        self._pending.append(Op(work, d, write, lock, recount, retry))
         self._schedule()
         return d
 
@@ -360,29 +403,69 @@ class StoreCore(abc.ABC):
         self._in_flight = False
         if isinstance(result, Failure):
             # The batch as a whole failed (BEGIN, the claim lock, COMMIT, the connection):
-            # it was rolled back, or (PostgreSQL, a connection lost during COMMIT) its fate
-            # is unknown. Either way the queued counters are left as they were.
-            for op in ops:
-                if not op.deferred.called:
-                    op.deferred.errback(result)
-        else:
-            self.transactions += 1
-            for op, outcome in zip(ops, result, strict=True):
-                value = outcome.value
-                if op.recount and outcome.ok:
-                    value, counts = value
-                    self._counts.reset(counts)
-                else:
-                    self._counts.apply(outcome.queued_delta)
-                if op.deferred.called:  # cancelled by its caller; the write still happened
-                    continue
-                if outcome.ok:
-                    op.deferred.callback(value)
-                else:
-                    op.deferred.errback(Failure(value))
+            # it was rolled back, or its fate is unknown. Either way the queued counters
+            # are left as they were: what did commit is counted in by the next recount.
+            retried = self._batch_failed(result, ops)
+            self._settled(len(ops) - retried)
+            self._schedule()
+            self._check_idle()
+            return
+        self._failed_batches = 0
+        self.transactions += 1
+        for op, outcome in zip(ops, result, strict=True):
+            value = outcome.value
+            if op.recount and outcome.ok:
+                value, counts = value
+                self._counts.reset(counts)
+            else:
+                self._counts.apply(outcome.queued_delta)
+            if op.deferred.called:  # cancelled by its caller; the write still happened
+                continue
+            if outcome.ok:
+                op.deferred.callback(value)
+            else:
+                op.deferred.errback(Failure(value))
         self._settled(len(ops))
         self._schedule()
         self._check_idle()
+
+    def _batch_failed(self, failure: Failure, ops: list[Op]) -> int:
+        """Hold the batch's retried operations for another run after a backoff; fail the
+        others. Returns how many are held."""
+        unavailable = failure.check(StoreUnavailableError) is not None
+        if unavailable:
+            self._failed_batches += 1
+            log.warn(
+                "{label}: the database failed under a batch of {count} ({error}); "
+                "retrying its saves",
+                label=self._label,
+                count=len(ops),
+                error=failure.getErrorMessage(),
+            )
+        held = 0
+        for op in ops:
+            if op.deferred.called:
+                continue
+            if unavailable and op.retry and (not self._closing or op.tries < RETRIES_WHILE_CLOSING):
+                op.tries += 1
+                self._retrying.append(op)
+                held += 1
+            else:
+                op.deferred.errback(failure)
+        if held and self._retry_call is None:
+            exponent = min(self._failed_batches - 1, 10)
+            delay = min(RETRY_FIRST * 2**exponent, RETRY_MAX)
+            self._retry_call = self._reactor.callLater(delay, self._resume)
+        return held
+
+    def _resume(self) -> None:
+        """The backoff is over: the held operations go first into the next batch."""
+        self._retry_call = None
+        ops, self._retrying = self._retrying, []
+        if ops:
+            self.retried_ops += len(ops)
+            self._pending[:0] = ops
+            self._schedule()
 
     def _check_idle(self) -> None:
         if self._busy():
@@ -535,7 +618,7 @@ class StoreCore(abc.ABC):
         def skipped(count: int) -> None:
             self.skipped_saves += count
 
-        return self._submit(self._saver(jobs)).addCallback(skipped)
+        return self._submit(self._saver(jobs), retry=True).addCallback(skipped)
 
     def cancel(self, client: str, job_id: str, now: float) -> Deferred[Job | None]:
         """A running job owned by another instance is cancelled here, and its owner told
@@ -571,6 +654,24 @@ class StoreCore(abc.ABC):
 
     def queued_for(self, client: str) -> int:
         return self._counts.for_client(client)
+
+    def requeue_orphans(self, alive: Collection[str]) -> Deferred[list[str]]:
+        """The self-check behind the retries (see ``JobStore.requeue_orphans``): the
+        running rows are few (at most the scheduler's concurrency), so they are read and
+        compared here rather than by shipping ``alive`` to the database."""
+        query, params = self._owned_running()
+        keep = frozenset(alive)
+        requeue = self.sql.requeue_running
+
+        def requeue_orphans(conn: Connection) -> tuple[list[str], Delta]:
+            orphans = [(i, c) for i, c in conn.execute(query, params).fetchall() if i not in keep]
+            back: Counter[str] = Counter()
+            for job_id, client in orphans:
+                if conn.execute(requeue, (job_id,)).fetchone() is not None:
+                    back[client] += 1
+            return [job_id for job_id, _ in orphans], back
+
+        return self._submit(requeue_orphans)
 
     def purge(self, finished_before: float) -> Deferred[list[str]]:
         """Also drops Idempotency-Keys older than ``IDEMPOTENCY_TTL`` by the reactor's

@@ -115,6 +115,10 @@ class PortableSQL:
             f"UPDATE jobs SET state = 'cancelled', finished_at = {p}, owner = NULL, "  # noqa: S608
             f"lease_until = NULL WHERE seq = {p} RETURNING {COLUMNS}"
         )
+        self.requeue_running = (
+            "UPDATE jobs SET state = 'queued', owner = NULL, lease_until = NULL "  # noqa: S608
+            f"WHERE id = {p} AND state = 'running' RETURNING client"
+        )
         self.purge = (
             "DELETE FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled') "  # noqa: S608
             f"AND finished_at < {p} RETURNING id"

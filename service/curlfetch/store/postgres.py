@@ -82,7 +82,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from ..jobs import Job, JobState
-from . import SchemaVersionError, StoreClosedError
+from . import SchemaVersionError, StoreClosedError, StoreUnavailableError
 from .core import NONE, Caps, Delta, Later, Op, Outcome, StoreCore, Work, resolve
 from .portable import migrate
 from .postgres_sql import (
@@ -92,12 +92,15 @@ from .postgres_sql import (
     INSERT,
     LOCK_MIGRATE,
     MIGRATIONS,
+    OWNED_RUNNING,
     REAP,
     RECOVER_OWN,
     RENEW,
     SAVE,
     SQL,
     WAKE_CHANNEL,
+    XID_STATUS,
+    BatchTrace,
     Conn,
     ReplayError,
     Rooms,
@@ -341,16 +344,49 @@ class PostgresJobStore(StoreCore):
         the transaction is rolled back and the batch runs again, each call in its own
         savepoint. (Nothing was committed, and a call only touches the database.)"""
         lock = any(op.lock for op in ops)
-        conn = self._connection()
+        try:
+            conn = self._connection()
+        except psycopg.Error as e:
+            raise StoreUnavailableError(f"{self!r}: cannot connect: {e}") from e
+        trace = BatchTrace()
         try:
             try:
-                return attempt(conn, ops, lock)
+                return attempt(conn, ops, lock, trace)
             except ReplayError:
-                return attempt_careful(conn, ops, lock)
-        except Exception:
-            if gone(conn):
-                self._disconnect()  # reconnect for the next batch
-            raise
+                return attempt_careful(conn, ops, lock, trace)
+        except Exception as e:
+            if not gone(conn) and not isinstance(e, psycopg.OperationalError):
+                raise  # the batch failed as a whole while the connection lives
+            self._disconnect()  # reconnect for the next batch
+            if trace.outcomes is None:
+                committed: bool | None = False  # COMMIT was never sent
+            else:
+                committed = self._committed(trace.xid)
+                if committed:
+                    log.info(
+                        "{store}: the connection was lost after COMMIT, which committed",
+                        store=repr(self),
+                    )
+                    return trace.outcomes
+            raise StoreUnavailableError(f"{self!r}: {e}", committed) from e
+
+    def _committed(self, xid: int | None) -> bool | None:
+        """After a connection died during COMMIT: did that transaction commit? Asked on
+        a new connection (None: the database does not answer, so nobody knows yet)."""
+        if xid is None:
+            return None
+        try:
+            conn = self._connection()
+            row = conn.execute(XID_STATUS, (xid,)).fetchone()
+        except psycopg.Error:
+            self._disconnect()
+            return None
+        status = None if row is None else row[0]
+        if status == "committed":
+            return True
+        if status == "aborted":
+            return False
+        return None  # "in progress" (it cannot be, once its session is gone) or unknown
 
     # -- reads, on reader connections ------------------------------------------------------
 
@@ -367,11 +403,17 @@ class PostgresJobStore(StoreCore):
         return read.deferred
 
     def _submit(
-        self, work: Work, *, write: bool = True, lock: bool = False, recount: bool = False
+        self,
+        work: Work,
+        *,
+        write: bool = True,
+        lock: bool = False,
+        recount: bool = False,
+        retry: bool = False,
     ) -> Deferred[Any]:
         if self._opened and not self._closing:
             self._written += 1  # for the reads after it (see _read)
-        return super()._submit(work, write=write, lock=lock, recount=recount)
+        return super()._submit(work, write=write, lock=lock, recount=recount, retry=retry)
 
     def _settled(self, count: int) -> None:
         """The reads that were waiting for these writes (committed or failed) can go."""
@@ -398,22 +440,40 @@ class PostgresJobStore(StoreCore):
         self._check_idle()
 
     def _run_read(self, work: Work) -> Any:
-        """In a reader thread: one statement in autocommit, on an idle connection."""
+        """In a reader thread: one statement in autocommit, on an idle connection. A read
+        changes nothing, so one that finds its idle connection dead (the server restarted,
+        or a reaper ended it) is run once more on a new one before it fails."""
+        for fresh in (False, True):
+            conn = None if fresh else self._idle_reader()
+            try:
+                if conn is None:
+                    conn = self._connect()
+                    conn.execute("SET enable_sort = off")  # see _connection
+                value, _delta = resolve(work(conn))
+            except psycopg.OperationalError as e:
+                if conn is not None:
+                    conn.close()  # the next read connects anew
+                if fresh:
+                    raise StoreUnavailableError(f"{self!r}: {e}", committed=None) from e
+                continue
+            except BaseException:
+                if conn is not None and gone(conn):
+                    conn.close()
+                elif conn is not None:
+                    self._idle_readers.put(conn)
+                raise
+            self._idle_readers.put(conn)
+            return value
+        raise AssertionError("unreachable")
+
+    def _owned_running(self) -> tuple[str, tuple[object, ...]]:
+        return OWNED_RUNNING, (self.instance_id,)
+
+    def _idle_reader(self) -> Conn | None:
         try:
-            conn = self._idle_readers.get_nowait()
+            return self._idle_readers.get_nowait()
         except queue.Empty:
-            conn = self._connect()
-            conn.execute("SET enable_sort = off")  # see _connection
-        try:
-            value, _delta = resolve(work(conn))
-        except BaseException:
-            if gone(conn):
-                conn.close()  # the next read connects anew
-            else:
-                self._idle_readers.put(conn)
-            raise
-        self._idle_readers.put(conn)
-        return value
+            return None
 
     def _close_readers(self) -> None:
         while True:

@@ -140,6 +140,7 @@ REAP = (
     "UPDATE jobs SET state = 'queued', owner = NULL, lease_until = NULL "  # noqa: S608
     f"WHERE state = 'running' AND lease_until < {_DB_NOW} RETURNING client"
 )
+OWNED_RUNNING = "SELECT id, client FROM jobs WHERE state = 'running' AND owner = %s"
 RECOVER_OWN = (
     "UPDATE jobs SET state = 'queued', owner = NULL, lease_until = NULL "
     "WHERE state = 'running' AND (owner = %s OR owner IS NULL) RETURNING client"
@@ -210,10 +211,27 @@ class ReplayError(Exception):
     """A call failed in a batch run without savepoints: run it again with them."""
 
 
+@attrs.define
+class BatchTrace:
+    """What a batch's run has learnt so far, kept when its connection dies under it: the
+    transaction's id, and every operation's outcome once all were read (COMMIT goes out
+    only after that). With both, ``txid_status`` on a new connection tells whether the
+    batch committed, and if it did, its outcomes are good."""
+
+    xid: int | None = None
+    outcomes: list[Outcome] | None = None
+
+
+_XID = b"SELECT txid_current()"
+"""Sent right after BEGIN, in the pipeline: no round trip of its own. (``txid_current``
+rather than PostgreSQL 13's ``pg_current_xact_id``: ``txid_status`` takes its type.)"""
+XID_STATUS = "SELECT txid_status(%s)"
+
+
 _LOCK = b"SELECT pg_advisory_xact_lock(%s, hashtext(current_schema()))"
 
 
-def attempt(conn: Conn, ops: list[Op], lock: bool) -> list[Outcome]:
+def attempt(conn: Conn, ops: list[Op], lock: bool, trace: BatchTrace) -> list[Outcome]:
     """Run the batch in one transaction, in pipeline mode: statements go out without
     waiting for each other; a call's own fetches sync, and ``Later`` results are read
     after one sync for all. COMMIT goes out only once every result has been read. If
@@ -222,16 +240,19 @@ def attempt(conn: Conn, ops: list[Op], lock: bool) -> list[Outcome]:
     try:
         with conn.pipeline() as pipeline:
             conn.execute(b"BEGIN")
+            xid = conn.execute(_XID)
             if lock:
                 # Before any row lock: a claim waits here holding nothing. The
                 # statements after it start (and take their snapshots) once it is held.
                 conn.execute(_LOCK, (LOCK_CLAIM,))
             results = [op.work(conn) for op in ops]
             pipeline.sync()
+            trace.xid = _first(xid.fetchone())
             outcomes = []
             for result in results:
                 value, delta = resolve(result)
                 outcomes.append(Outcome(ok=True, value=value, queued_delta=delta))
+            trace.outcomes = outcomes
             conn.execute(b"COMMIT")
         return outcomes
     except Exception as e:
@@ -244,19 +265,26 @@ def attempt(conn: Conn, ops: list[Op], lock: bool) -> list[Outcome]:
         raise
 
 
-def attempt_careful(conn: Conn, ops: list[Op], lock: bool) -> list[Outcome]:
+def attempt_careful(conn: Conn, ops: list[Op], lock: bool, trace: BatchTrace) -> list[Outcome]:
     """Run the batch with each call in a savepoint: a failing call (a duplicate id, a
     deadlock) is rolled back alone, as with SQLite. A lost connection fails it all."""
+    trace.xid = trace.outcomes = None
     conn.execute(b"BEGIN")
     try:
+        trace.xid = _first(conn.execute(_XID).fetchone())
         if lock:
             conn.execute(_LOCK, (LOCK_CLAIM,))
         outcomes = run_with_savepoints(conn, ops, gone=lambda: gone(conn))
+        trace.outcomes = outcomes
         conn.execute(b"COMMIT")
         return outcomes
     except BaseException:
         _rollback(conn)
         raise
+
+
+def _first(row: tuple[Any, ...] | None) -> int | None:
+    return None if row is None else int(row[0])
 
 
 def gone(conn: Conn) -> bool:

@@ -37,8 +37,10 @@ from typing import Any, Protocol, TypeVar, cast
 
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from ..jobs import Job, JobState
+from . import StoreUnavailableError
 from .core import (
     NONE,
     Caps,
@@ -75,6 +77,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 """Migration N (1-based) brings the schema from version N-1 to N. Append; never edit."""
 
 _SQL = PortableSQL("?", for_update="", types=_TYPES)
+# One process owns every running job of the file: they are all its.
+_OWNED_RUNNING = "SELECT id, client FROM jobs WHERE state = 'running'"
 
 _INSERT = (
     "INSERT INTO jobs (id, client, state, priority, host, created_at, not_before, "
@@ -217,8 +221,21 @@ class SQLiteJobStore(StoreCore):
             pool.close()  # joins the pool's thread and closes the connection
 
     def _run(self, ops: list[Op]) -> Deferred[list[Outcome]]:
+        """A batch that fails as a whole in SQLite (``database is locked`` past the busy
+        timeout, an I/O error, a full disk) was rolled back: adbapi rolls back on any
+        exception, and SQLite's COMMIT is atomic. So its fate is known: not committed."""
         assert self._pool is not None
-        return self._pool.runWithConnection(_run_batch, ops)
+        return self._pool.runWithConnection(_run_batch, ops).addErrback(self._unavailable)
+
+    def _unavailable(self, failure: Failure) -> Failure:
+        if failure.check(sqlite3.DatabaseError):
+            error = StoreUnavailableError(f"{self.path}: {failure.getErrorMessage()}")
+            error.__cause__ = failure.value
+            return Failure(error)
+        return failure
+
+    def _owned_running(self) -> tuple[str, tuple[object, ...]]:
+        return _OWNED_RUNNING, ()
 
     def _read(self, work: Work) -> Deferred[Any]:
         """Reads are operations of the batch too: one connection, no waiting on locks."""
