@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import signal
 import sys
 from typing import Any
 
@@ -50,18 +51,55 @@ def exit_0_if_clean(root: CurlfetchService, reactor: Any) -> None:
         reactor._exitSignal = None
 
 
+FORCED_EXIT_AFTER = 2.0
+"""Seconds a stop may still take after a second SIGTERM or SIGINT before the process
+exits there and then (status 1). Whatever it held then is still ``running`` in the store,
+and goes back to the queue when the next process starts (SQLite; PostgreSQL with the
+same ``--instance-id``) or when its lease expires: late, never lost."""
+
+
+def second_signal_forces_stop(root: CurlfetchService, reactor: Any) -> None:
+    """The first SIGTERM or SIGINT drains (twistd's handler stops the reactor, which
+    stops ``root``); once that stop has begun, the next one cuts the drain short
+    (``force_stop``) and bounds what is left of the stop by ``FORCED_EXIT_AFTER``."""
+
+    def forced() -> None:
+        root.force_stop()
+        reactor.callLater(FORCED_EXIT_AFTER, exit_forced)
+
+    def exit_forced() -> None:
+        log.warn(
+            "the stop took over {seconds}s after the second signal: exiting now",
+            seconds=FORCED_EXIT_AFTER,
+        )
+        exit_now(1)
+
+    def on_signal(signum: int, frame: object) -> None:
+        # A signal handler runs between two bytecodes of the reactor thread: hand over.
+        reactor.callFromThread(forced)
+
+    def arm() -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread (tests)
+                signal.signal(signum, on_signal)
+
+    reactor.addSystemEventTrigger("before", "shutdown", arm)
+
+
+def exit_now(status: int) -> None:
+    """Flush what was logged, then exit at once: no more waiting on anything."""
+    for stream in (sys.__stdout__, sys.__stderr__):
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.flush()
+    os._exit(status)
+
+
 def exit_1_after_shutdown(failure: Failure, reactor: Any) -> None:
     """Start-up failed (already logged): stop, let the stop sequence close what opened,
     then exit with 1, which twistd cannot do by itself (it exits 0 after a stop)."""
 
-    def exit_1() -> None:
-        for stream in (sys.__stdout__, sys.__stderr__):
-            if stream is not None:
-                with contextlib.suppress(Exception):
-                    stream.flush()
-        os._exit(1)
-
-    reactor.addSystemEventTrigger("after", "shutdown", exit_1)
+    reactor.addSystemEventTrigger("after", "shutdown", exit_now, 1)
 
     def stop() -> None:
         with contextlib.suppress(ReactorNotRunning):

@@ -285,13 +285,7 @@ class Scheduler(Service):
         # handed over only then). So are body commits: their jobs are saved after.
         done: Deferred[None] = Deferred()
         self._idle_waiters.append(done)
-
-        def cut_short() -> None:
-            for running in list(self._running.values()):
-                running.outcome = "drained"
-                running.deferred.cancel()
-
-        timer = self._reactor.callLater(timeout, cut_short)
+        timer = self._reactor.callLater(timeout, self.cut_short)
 
         def stop_timer(result: None) -> None:
             if timer.active():
@@ -302,6 +296,13 @@ class Scheduler(Service):
         return done
 
     # -- claiming --------------------------------------------------------------------------
+
+    def cut_short(self) -> None:
+        """Draining: stop every running transfer now and put its job back to ``queued``
+        (the drain's timeout; also a second SIGTERM)."""
+        for running in list(self._running.values()):
+            running.outcome = "drained"
+            running.deferred.cancel()
 
     def _pump(self) -> None:
         self._wakeup = None

@@ -196,6 +196,13 @@ class CurlfetchService(MultiService):
         await self.scheduler.drain(self.drain_timeout)
         log.info("drained in {seconds:.2f}s", seconds=self._reactor.seconds() - started)
 
+    def force_stop(self) -> None:
+        """A second stop signal: the drain's transfers stop now and their jobs go back to
+        the queue (their saves are still handed to the store, which the stop flushes)."""
+        log.warn("stop requested again: cutting the drain short")
+        self.api.start_draining()
+        self.scheduler.cut_short()
+
 
 class RetentionService(TimerService):
     """Deletes finished jobs older than the retention, and their bodies, periodically

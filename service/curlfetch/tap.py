@@ -22,7 +22,13 @@ from .jobs import Limits
 from .logs import json_log_observer, log_settings
 from .metrics import Metrics
 from .options import Config, Options
-from .process import exit_0_if_clean, exit_1_after_shutdown, ready, tune_gc
+from .process import (
+    exit_0_if_clean,
+    exit_1_after_shutdown,
+    ready,
+    second_signal_forces_stop,
+    tune_gc,
+)
 from .scheduler import Scheduler, SchedulerConfig
 from .services import CurlfetchService, LifecycleService, RetentionService, store_service
 from .store.postgres import PostgresJobStore, default_instance_id
@@ -121,4 +127,5 @@ def makeService(options: Options) -> CurlfetchService:
         errbackArgs=(reactor,),
     )
     reactor.addSystemEventTrigger("after", "shutdown", exit_0_if_clean, root, reactor)
+    second_signal_forces_stop(root, reactor)
     return root
