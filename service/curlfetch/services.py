@@ -21,9 +21,13 @@ Nothing here imports the global reactor: each part is given the one to use.
 
 from __future__ import annotations
 
+import os
+import sqlite3
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import threads
@@ -34,7 +38,7 @@ from twisted.python.failure import Failure
 from .api import JobAPI
 from .bodies import DirectoryBodyStore
 from .scheduler import Scheduler
-from .store import JobStore
+from .store import JobStore, SchemaVersionError, StoreClosedError
 
 log = Logger()
 
@@ -101,6 +105,34 @@ def store_service(
     )
 
 
+class StartupError(Exception):
+    """Start-up cannot go on for a reason an operator can fix (a full or read-only disk,
+    a damaged database, a database that does not answer): logged as one line, no
+    traceback, and the process exits with 1."""
+
+
+def check_data_dir(path: str) -> None:
+    """Create the data directory if needed and prove it writable with a real file: a
+    read-only mount or the wrong owner is said plainly before anything else is built."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise StartupError(f"the data directory {path} is not usable: {e.strerror}") from e
+
+
+OPERATIONAL_ERRORS: tuple[type[BaseException], ...] = (
+    StartupError,
+    StoreClosedError,
+    SchemaVersionError,
+    OSError,
+    sqlite3.DatabaseError,
+    psycopg.Error,
+)
+"""What fails start-up without being a bug: said in one line (``_start_children``)."""
+
+
 class CurlfetchService(MultiService):
     """The root: starts its children in order, each once the previous one is up; on stop,
     drains, then stops the children that started, in reverse order, one at a time."""
@@ -135,9 +167,12 @@ class CurlfetchService(MultiService):
                     return  # stopped while starting
                 await maybeDeferred(child.startService)
                 self._started.append(child)
-        except Exception:
+        except Exception as e:
             self._startup_failure = Failure()
-            log.failure("curlfetch could not start", self._startup_failure)
+            if isinstance(e, OPERATIONAL_ERRORS):
+                log.critical("curlfetch could not start: {why}", why=_reason(e))
+            else:  # a bug: the traceback is what helps
+                log.failure("curlfetch could not start", self._startup_failure)
         finally:
             waiters, self._start_waiters = self._start_waiters, []
             for waiter in waiters:
@@ -243,3 +278,12 @@ class RetentionService(TimerService):
             )
         except Exception:
             log.failure("retention purge failed")
+
+
+def _reason(error: BaseException) -> str:
+    """One line: the error, and what caused it where that adds anything."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    cause = error.__cause__
+    if cause is not None and str(cause) and str(cause) not in text:
+        text += f" ({' '.join(str(cause).split())})"
+    return text

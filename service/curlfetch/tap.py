@@ -10,7 +10,6 @@ argument. The twistd plugin imports ``Options`` and ``makeService`` from here.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from twisted.application import strports
@@ -30,7 +29,14 @@ from .process import (
     tune_gc,
 )
 from .scheduler import Scheduler, SchedulerConfig
-from .services import CurlfetchService, LifecycleService, RetentionService, store_service
+from .services import (
+    CurlfetchService,
+    LifecycleService,
+    RetentionService,
+    StartupError,
+    check_data_dir,
+    store_service,
+)
 from .store.postgres import PostgresJobStore, default_instance_id
 from .store.sqlite import SQLiteJobStore
 
@@ -41,7 +47,6 @@ __all__ = ["Options", "build_service", "json_log_observer", "makeService"]
 def build_service(reactor: Any, config: Config) -> CurlfetchService:
     """Everything, wired; nothing started. Children, in start order: store, engine,
     metrics, scheduler, retention, http."""
-    os.makedirs(config.data_dir, exist_ok=True)
     store: SQLiteJobStore | PostgresJobStore
     if config.database:
         store = PostgresJobStore(
@@ -118,6 +123,10 @@ def makeService(options: Options) -> CurlfetchService:
 
     config = options.config
     log_settings(config)
+    try:
+        check_data_dir(config.data_dir)  # before the reactor runs: blocking is fine here
+    except StartupError as e:
+        raise SystemExit(f"curlfetch could not start: {e}") from None
     root = build_service(reactor, config)
     tune_gc()
     root.when_started().addCallbacks(

@@ -207,7 +207,10 @@ class SQLiteJobStore(StoreCore):
 
     async def _setup(self) -> tuple[int, dict[str, int]]:
         assert self._pool is not None
-        return await self._pool.runWithConnection(_open_database)
+        try:
+            return await self._pool.runWithConnection(_open_database)
+        except sqlite3.DatabaseError as e:  # not a database, damaged, read-only, full
+            raise StoreUnavailableError(f"{self.path}: cannot open the job database: {e}") from e
 
     async def _finish(self) -> None:
         # Folds the WAL into the database file in the thread, so that closing the
