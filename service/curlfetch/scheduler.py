@@ -16,6 +16,7 @@ plain claim is used.
 from __future__ import annotations
 
 import email.utils
+import errno
 import random
 import re
 from collections import deque
@@ -49,6 +50,10 @@ log = Logger()
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 RETRY_CURL_CODES = ConnectError.codes | CurlTimeoutError.codes
+
+SAVE_RETRY_MIN = 0.25
+SAVE_RETRY_MAX = 5.0
+"""Seconds before a failed save is handed to the store again (doubling in between)."""
 
 _DEADLINE_SLACK = 0.05
 """A curl timeout this close to the job's deadline is the deadline cutting it short."""
@@ -159,6 +164,11 @@ class Scheduler(Service):
         self._saves: list[Job] = []  # saved together next turn (one store operation)
         self._observed: list[tuple[Job, float, Response | None, JobError | None]] = []
         self._save_call: IDelayedCall | None = None
+        self._unsaved: list[Job] = []  # saves the store failed: handed to it again later
+        self._unsaved_call: IDelayedCall | None = None
+        self._save_backoff = SAVE_RETRY_MIN
+        self.save_retries = 0
+        """Jobs whose save failed and was handed to the store again (a metric)."""
         self._retry_timer: IDelayedCall | None = None  # the earliest retry coming due
         self._draining = False
         self._idle_waiters: list[Deferred[None]] = []
@@ -265,6 +275,7 @@ class Scheduler(Service):
             if not host.active:
                 del self._hosts[name]
         self._waiting = 0
+        self._retry_unsaved()  # one last try now; the store's close flushes it
         if not self._running and not self._claiming and not self._committing:
             self._flush_saves()
             return succeed(None)
@@ -475,7 +486,7 @@ class Scheduler(Service):
             writer = self._bodies.open_writer(job.id)
         except Exception as e:
             log.failure("opening the body of job {job_id} failed", job_id=job.id)
-            error = JobError("internal_error", f"cannot store the body: {e}")
+            error = _body_error(e)
             self._finish_attempt(job, started=now, now=now, response=None, error=error)
             return False
         egress = self.config.egress
@@ -573,7 +584,7 @@ class Scheduler(Service):
         try:
             if isinstance(info, Failure):
                 log.failure("storing the body of job {job_id} failed", info, job_id=job.id)
-                error = JobError("internal_error", f"cannot store the body: {info.value}")
+                error = _body_error(info.value or RuntimeError("no reason"))
                 self._finish_attempt(
                     job, started=running.started, now=now, response=None, error=error
                 )
@@ -608,6 +619,8 @@ class Scheduler(Service):
             return None, JobError(exc.name, exc.message, exc.code)
         if isinstance(exc, CurlError):
             return None, JobError(exc.name, exc.message, exc.code)
+        if exc is not None and _disk_full(exc):  # the body spilled to a full disk
+            return None, _body_error(exc)
         log.failure("job {job_id} failed unexpectedly", failure, job_id=running.job.id)
         return None, JobError("internal_error", f"{type(exc).__name__}: {exc}")
 
@@ -665,10 +678,48 @@ class Scheduler(Service):
             call.cancel()
         jobs, self._saves = self._saves, []
         if jobs:
-            self._store.save(jobs).addErrback(
-                lambda f: log.failure("saving {count} jobs failed", f, count=len(jobs))
-            )
+            self._store.save(jobs).addCallbacks(self._saved, self._save_failed, errbackArgs=(jobs,))
         self._tell_observer()
+
+    def _saved(self, _: object) -> None:
+        self._save_backoff = SAVE_RETRY_MIN
+
+    def _save_failed(self, failure: Failure, jobs: list[Job]) -> None:
+        """The store could not take these state changes (its database went away, was
+        locked...): they are not dropped, or the jobs would stay ``running`` in the store
+        for good (their lease renewed by this very instance). They go to the store again
+        after a backoff, until it takes them; saving is idempotent (only jobs still
+        ``running`` under this instance are updated), so a save that did commit before
+        the failure was reported is harmless to repeat."""
+        self._unsaved.extend(jobs)
+        self.save_retries += len(jobs)
+        delay = self._save_backoff
+        self._save_backoff = min(self._save_backoff * 2, SAVE_RETRY_MAX)
+        if self._draining:
+            log.failure(
+                "saving {count} jobs failed while draining; a restart with the same"
+                " instance id takes them back",
+                failure,
+                count=len(jobs),
+            )
+            self._unsaved.clear()
+            return
+        log.failure(
+            "saving {count} jobs failed; retrying in {delay:.2f}s",
+            failure,
+            count=len(jobs),
+            delay=delay,
+        )
+        if self._unsaved_call is None or not self._unsaved_call.active():
+            self._unsaved_call = self._reactor.callLater(delay, self._retry_unsaved)
+
+    def _retry_unsaved(self) -> None:
+        call, self._unsaved_call = self._unsaved_call, None
+        if call is not None and call.active():
+            call.cancel()
+        jobs, self._unsaved = self._unsaved, []
+        if jobs:
+            self._store.save(jobs).addCallbacks(self._saved, self._save_failed, errbackArgs=(jobs,))
 
     def _observe(
         self, job: Job, seconds: float, response: Response | None, error: JobError | None
@@ -687,6 +738,22 @@ class Scheduler(Service):
                 self._observer.attempt_finished(job, seconds, response, error)
             except Exception:
                 log.failure("observer failed")
+
+
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def _disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in _DISK_FULL
+
+
+def _body_error(exc: BaseException) -> JobError:
+    """Why a body could not be stored: ``storage_full`` when the disk (or quota) is full
+    (the job fails: a full disk does not clear by itself soon, and retrying is the
+    client's call), ``internal_error`` otherwise."""
+    if _disk_full(exc):
+        return JobError("storage_full", f"no space left to store the body: {exc}")
+    return JobError("internal_error", f"cannot store the body: {exc}")
 
 
 def _deadline_error(job: Job) -> JobError:

@@ -4,6 +4,7 @@ real loopback servers, on the real reactor. Pure timing arithmetic (backoff, jit
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import os
@@ -623,19 +624,24 @@ async def test_a_job_succeeds_only_once_its_body_is_committed(
     assert env.bodies.exists(job.id)
 
 
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [(errno.EIO, "internal_error"), (errno.ENOSPC, "storage_full"), (errno.EDQUOT, "storage_full")],
+)
 @pytest_twisted.ensureDeferred
 async def test_a_failed_body_commit_fails_the_job(
-    env: Env, monkeypatch: pytest.MonkeyPatch
+    env: Env, monkeypatch: pytest.MonkeyPatch, error: int, code: str
 ) -> None:
-    """A body that cannot be stored fails its job with ``internal_error`` (not retried,
-    no body), and the scheduler goes on with the next job."""
+    """A body that cannot be stored fails its job (not retried, no body): with
+    ``storage_full`` when the disk or quota is full, else ``internal_error``; the
+    scheduler goes on with the next job."""
     real = env.bodies.open_writer
     failing = env.job("/bytes?n=10")
 
     def open_writer(job_id: str) -> BodyWriter:
         writer = real(job_id)
         if job_id == failing.id:
-            monkeypatch.setattr(writer, "commit", lambda: fail(OSError(28, "disk full")))
+            monkeypatch.setattr(writer, "commit", lambda: fail(OSError(error, os.strerror(error))))
         return writer
 
     monkeypatch.setattr(env.bodies, "open_writer", open_writer)
@@ -646,8 +652,8 @@ async def test_a_failed_body_commit_fails_the_job(
     gone = await env.settled(failing)
     assert gone.state is JobState.FAILED
     assert gone.error is not None
-    assert gone.error.to_json()["code"] == "internal_error"
-    assert "cannot store the body" in gone.error.message
+    assert gone.error.to_json()["code"] == code
+    assert os.strerror(error) in gone.error.message
     assert not env.bodies.exists(failing.id)
     assert (await env.settled(fine)).state is JobState.SUCCEEDED
 
