@@ -318,3 +318,48 @@ async def test_sqlite_locked_longer_than_busy_timeout(
     assert ready_in is not None
     assert {j["id"] for j in listed} == set(submitter.ids)
     assert left == Counter(succeeded=len(submitter.ids)), left
+
+
+_ORPHAN_METRIC = re.compile(r"^(curlfetch_\w*orphan\w*)(?:\{[^}]*\})?\s+([0-9.e+]+)$", re.M)
+
+
+@pytest.mark.timeout(60)
+@pytest_twisted.ensureDeferred
+async def test_a_job_owned_as_running_but_not_running_goes_back_to_the_queue(
+    daemons: Daemons, schema: PostgresSchema, target: LoopbackSite
+) -> None:
+    """The self-check: a job the database says this instance is running, which it is
+    not (what a claim or save lost with its connection leaves: made here by setting a
+    finished job back to ``running`` under this instance, its lease fresh) goes back to
+    the queue within 15 s even though the heartbeat keeps renewing its lease, runs again
+    and ends succeeded; /metrics counts it in a ``curlfetch_*orphan*`` family."""
+    instance = f"faults-{uuid.uuid4().hex[:8]}"
+    d = await daemons.start(
+        f"--database={schema.url}", f"--instance-id={instance}", "--lease=5s", "--drain-timeout=1"
+    )
+    view = await d.submit({"url": target.url("/count/orphan")})
+    await d.wait_state(view["id"], {"succeeded"})
+    schema.execute(
+        "UPDATE jobs SET state = 'running', finished_at = NULL, result = NULL, owner = %s,"
+        " lease_until = extract(epoch FROM clock_timestamp()) + 5 WHERE id = %s",
+        (instance, view["id"]),
+    )
+    made = time.monotonic()
+    while True:
+        state = schema.execute("SELECT state, attempts FROM jobs WHERE id = %s", (view["id"],))
+        if state[0][0] != "running" or time.monotonic() - made > 15:
+            break
+        await sleep(0.2)
+    handed_back_in = time.monotonic() - made
+    print(f"\nself-check: the orphan is {state[0]} after {handed_back_in:.1f}s")
+    assert state[0][0] != "running", "still running after 15s: no self-check"
+    done = await d.wait_state(view["id"], {"succeeded", "failed"}, 10)
+    metrics = (await d.get("/metrics")).body.decode()
+    counted = {name: float(n) for name, n in _ORPHAN_METRIC.findall(metrics)}
+    print(
+        f"self-check: then {done['state']}, attempts {done['attempts']}; target hits "
+        f"{target.root.hits}; metric {counted}"
+    )
+    assert done["state"] == "succeeded"
+    assert target.root.hits.get("/count/orphan") == 2
+    assert sum(counted.values()) >= 1, "no curlfetch_*orphan* metric counted it"
