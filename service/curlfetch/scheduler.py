@@ -16,7 +16,6 @@ plain claim is used.
 from __future__ import annotations
 
 import email.utils
-import errno
 import random
 import re
 from collections import deque
@@ -31,7 +30,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .bodies import BodyConsumer, BodyStore, BodyWriter
+from .bodies import BodyConsumer, BodyStore, BodyWriter, is_disk_full
 from .egress import EgressPolicy
 from .engine import (
     BodyTooLargeError,
@@ -619,7 +618,10 @@ class Scheduler(Service):
             return None, JobError(exc.name, exc.message, exc.code)
         if isinstance(exc, CurlError):
             return None, JobError(exc.name, exc.message, exc.code)
-        if exc is not None and _disk_full(exc):  # the body spilled to a full disk
+        if exc is not None and is_disk_full(exc):  # the body spilled to a full disk
+            note = getattr(self._bodies, "note_disk_full", None)
+            if note is not None:
+                note(exc)
             return None, _body_error(exc)
         log.failure("job {job_id} failed unexpectedly", failure, job_id=running.job.id)
         return None, JobError("internal_error", f"{type(exc).__name__}: {exc}")
@@ -740,18 +742,11 @@ class Scheduler(Service):
                 log.failure("observer failed")
 
 
-_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
-
-
-def _disk_full(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in _DISK_FULL
-
-
 def _body_error(exc: BaseException) -> JobError:
     """Why a body could not be stored: ``storage_full`` when the disk (or quota) is full
     (the job fails: a full disk does not clear by itself soon, and retrying is the
     client's call), ``internal_error`` otherwise."""
-    if _disk_full(exc):
+    if is_disk_full(exc):
         return JobError("storage_full", f"no space left to store the body: {exc}")
     return JobError("internal_error", f"cannot store the body: {exc}")
 

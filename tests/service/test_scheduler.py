@@ -910,3 +910,29 @@ async def test_closing_the_client_requeues_instead_of_failing(env: Env) -> None:
         assert (back.state, back.attempts) == (JobState.QUEUED, 0)
     assert env.log.starts == ["0"]
     await until(lambda: env.log.active == 0, "the server to see the connection close")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_save_is_retried_not_dropped(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the store fails a save (its connection lost, the database locked), the
+    finished job is not left ``running`` in the store for good: the save is handed to the
+    store again after a backoff, and the job ends succeeded; ``save_retries`` counts it."""
+    real_save = env.store.save
+    failures = [OSError("connection lost"), OSError("database is locked")]
+
+    def save(jobs: Any) -> Any:
+        if failures and any(j.state is JobState.SUCCEEDED for j in jobs):
+            return fail(failures.pop(0))
+        return real_save(jobs)
+
+    monkeypatch.setattr(env.store, "save", save)
+    job = env.job("/bytes?n=10")
+    await env.add(job)
+    sched = env.scheduler()
+    sched.startService()
+    done = await env.settled(job)
+    assert done.state is JobState.SUCCEEDED
+    assert not failures
+    assert sched.save_retries == 2
