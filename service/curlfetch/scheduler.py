@@ -283,12 +283,7 @@ class Scheduler(Service):
         done: Deferred[None] = Deferred()
         self._idle_waiters.append(done)
 
-        def cut_short() -> None:
-            for running in list(self._running.values()):
-                running.outcome = "drained"
-                running.deferred.cancel()
-
-        timer = self._reactor.callLater(timeout, cut_short)
+        timer = self._reactor.callLater(timeout, self.hurry)
 
         def stop_timer(result: None) -> None:
             if timer.active():
@@ -297,6 +292,16 @@ class Scheduler(Service):
 
         done.addBoth(stop_timer)
         return done
+
+    def hurry(self) -> None:
+        """Cut a drain short now (for a second SIGTERM): every running transfer is
+        cancelled and goes back to ``queued``, its attempt not counted, as at the drain's
+        deadline; the drain's Deferred fires once those saves are handed to the store."""
+        if not self._draining:
+            return
+        for running in list(self._running.values()):
+            running.outcome = "drained"
+            running.deferred.cancel()
 
     # -- claiming --------------------------------------------------------------------------
 

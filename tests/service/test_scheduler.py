@@ -848,6 +848,26 @@ async def test_drain_requeues_long_transfers_at_the_timeout(env: Env) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_hurry_cuts_a_drain_short_and_requeues(env: Env) -> None:
+    """``hurry()`` during a long drain (a second SIGTERM) aborts the running transfers
+    at once and puts them back to ``queued``, their attempt not counted; the drain's
+    Deferred fires promptly, not at its 30 s timeout."""
+    sched = env.scheduler()
+    jobs = [env.job(f"/concurrent?s=20&id={i}") for i in range(2)]
+    await env.add(*jobs)
+    sched.startService()
+    await until(lambda: env.log.active == 2, "two requests")
+    drained = sched.drain(30)
+    started = time.monotonic()
+    sched.hurry()
+    await within(drained)
+    assert time.monotonic() - started < 2.0
+    for job in jobs:
+        back = await env.get(job)
+        assert (back.state, back.attempts) == (JobState.QUEUED, 0)
+
+
+@pytest_twisted.ensureDeferred
 async def test_drain_waits_for_a_claim_in_flight(env: Env) -> None:
     """drain() called while a claim is in the store's hands fires only once the jobs
     it brings back are requeued: none of them starts, and a read right after drain
