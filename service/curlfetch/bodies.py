@@ -19,6 +19,7 @@ with the store (``start``, or the first commit) and stops with ``close``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import itertools
 import os
@@ -27,7 +28,7 @@ import time
 import zlib
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, TypeGuard
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IProducer
@@ -122,6 +123,7 @@ class DirectoryBodyStore:
         self._flush_call: IDelayedCall | None = None
         self._in_flight = 0
         self._idle_waiters: list[Deferred[None]] = []
+        self._full_error: OSError | None = None  # the last ENOSPC, until a body commits
         _make_dirs(self.root, SHARDS)
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -162,6 +164,33 @@ class DirectoryBodyStore:
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.stop()
+
+    # -- health --------------------------------------------------------------------------
+
+    def note_disk_full(self, error: BaseException) -> None:
+        """A body could not be written for lack of space outside a commit (spilling to
+        its temporary file mid-transfer): remembered as a commit's ENOSPC is."""
+        if is_disk_full(error):
+            self._full_error = error
+
+    def storage_full(self, min_free: int = MEMORY_LIMIT * 4) -> str | None:
+        """Why bodies cannot be stored now, or None (for readiness).
+
+        Set by a body that failed with ENOSPC or EDQUOT; cleared by the next body that
+        commits, or once the filesystem has ``min_free`` bytes free again (checked with
+        ``statvfs``, a cheap local call, only while set), so readiness recovers by itself
+        when space is freed even though no job is running."""
+        error = self._full_error
+        if error is None:
+            return None
+        try:
+            st = os.statvfs(self.root)
+        except OSError:
+            return f"{self.root}: {error.strerror or error}"
+        if st.f_bavail * st.f_frsize >= min_free:
+            self._full_error = None
+            return None
+        return f"{self.root}: {error.strerror or error}"
 
     # -- paths ---------------------------------------------------------------------------
 
@@ -262,6 +291,10 @@ class DirectoryBodyStore:
                 writer._done(results)
         else:
             for writer, result in zip(batch, results, strict=True):
+                if isinstance(result, BodyInfo):
+                    self._full_error = None
+                elif is_disk_full(result):
+                    self._full_error = result
                 writer._done(result if isinstance(result, BodyInfo) else Failure(result))
         self._schedule()
         self._check_idle()
@@ -272,6 +305,44 @@ class DirectoryBodyStore:
         waiters, self._idle_waiters = self._idle_waiters, []
         for waiter in waiters:
             waiter.callback(None)
+
+
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_disk_full(error: object) -> TypeGuard[OSError]:
+    """An OSError saying the filesystem (or the quota) has no room left."""
+    return isinstance(error, OSError) and error.errno in _DISK_FULL
+
+
+class BodyLostError(Exception):
+    """A finished job's body is gone from the store, or is not what was recorded (deleted
+    or truncated under it): the API answers 410 ``body_lost`` rather than serve short or
+    wrong bytes."""
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        super().__init__(f"the body of job {job_id} is lost: {reason}")
+        self.job_id = job_id
+        self.reason = reason
+
+
+def open_stored(store: BodyStore, job_id: str, size: int) -> BinaryIO:
+    """Open a committed body for reading, checking it is still there and still ``size``
+    bytes (its recorded size; a cheap check, unlike its sha256, that catches deletion and
+    truncation). Raises ``BodyLostError`` otherwise; the caller closes the file."""
+    try:
+        f = open(store.path(job_id), "rb")  # noqa: SIM115 - handed to the caller
+    except FileNotFoundError:
+        raise BodyLostError(job_id, "its file is missing") from None
+    try:
+        actual = os.fstat(f.fileno()).st_size
+    except OSError:
+        f.close()
+        raise
+    if actual != size:
+        f.close()
+        raise BodyLostError(job_id, f"its file has {actual} bytes, {size} were stored")
+    return f
 
 
 _OPEN, _COMMITTING, _COMMITTED, _ABORTED = "open", "committing", "committed", "aborted"

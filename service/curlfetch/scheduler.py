@@ -30,7 +30,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .bodies import BodyConsumer, BodyStore, BodyWriter
+from .bodies import BodyConsumer, BodyStore, BodyWriter, is_disk_full
 from .egress import EgressPolicy
 from .engine import (
     BodyTooLargeError,
@@ -491,7 +491,7 @@ class Scheduler(Service):
             writer = self._bodies.open_writer(job.id)
         except Exception as e:
             log.failure("opening the body of job {job_id} failed", job_id=job.id)
-            error = JobError("internal_error", f"cannot store the body: {e}")
+            error = _body_error(e)
             self._finish_attempt(job, started=now, now=now, response=None, error=error)
             return False
         egress = self.config.egress
@@ -590,7 +590,7 @@ class Scheduler(Service):
         try:
             if isinstance(info, Failure):
                 log.failure("storing the body of job {job_id} failed", info, job_id=job.id)
-                error = JobError("internal_error", f"cannot store the body: {info.value}")
+                error = _body_error(info.value or RuntimeError("no reason"))
                 self._finish_attempt(
                     job, started=running.started, now=now, response=None, error=error
                 )
@@ -625,6 +625,11 @@ class Scheduler(Service):
             return None, JobError(exc.name, exc.message, exc.code)
         if isinstance(exc, CurlError):
             return None, JobError(exc.name, exc.message, exc.code)
+        if exc is not None and is_disk_full(exc):  # the body spilled to a full disk
+            note = getattr(self._bodies, "note_disk_full", None)
+            if note is not None:
+                note(exc)
+            return None, _body_error(exc)
         log.failure("job {job_id} failed unexpectedly", failure, job_id=running.job.id)
         return None, JobError("internal_error", f"{type(exc).__name__}: {exc}")
 
@@ -757,6 +762,15 @@ class Scheduler(Service):
                 self._observer.attempt_finished(job, seconds, response, error)
             except Exception:
                 log.failure("observer failed")
+
+
+def _body_error(exc: BaseException) -> JobError:
+    """Why a body could not be stored: ``storage_full`` when the disk (or quota) is full
+    (the job fails: a full disk does not clear by itself soon, and retrying is the
+    client's call), ``internal_error`` otherwise."""
+    if is_disk_full(exc):
+        return JobError("storage_full", f"no space left to store the body: {exc}")
+    return JobError("internal_error", f"cannot store the body: {exc}")
 
 
 def _deadline_error(job: Job) -> JobError:

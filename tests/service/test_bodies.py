@@ -3,6 +3,7 @@ reactor thread; and its ``IConsumer``."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import subprocess
@@ -22,10 +23,12 @@ from curlfetch import bodies as bodies_module
 from curlfetch.bodies import (
     SHARDS,
     BodyConsumer,
+    BodyLostError,
     BodyStore,
     BodyStoreClosedError,
     BodyWriter,
     DirectoryBodyStore,
+    open_stored,
 )
 from curlfetch.engine import CurlClient
 from curlfetch.jobs import new_job_id
@@ -436,3 +439,63 @@ async def test_engine_streams_a_body_to_the_store(store: DirectoryBodyStore) -> 
     assert response.status == 200
     assert (info.size, info.sha256) == (len(body), hashlib.sha256(body).hexdigest())
     assert Path(store.path(job_id)).read_bytes() == body  # noqa: ASYNC240 - a local file
+
+
+@pytest_twisted.ensureDeferred
+async def test_storage_full_is_set_by_enospc_and_cleared_by_a_commit_or_free_space(
+    store: DirectoryBodyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit failing with ENOSPC marks the store full (a reason naming it, for
+    readiness); the next body that commits clears it; so does free space found again by
+    ``statvfs`` while no body commits. Other errors do not mark it."""
+    assert store.storage_full() is None
+    real_replace = os.replace
+    failing: set[str] = set()
+
+    def replace(src: str, dst: str) -> None:
+        if os.path.basename(dst) in failing:
+            raise OSError(errno.ENOSPC if "full" in dst else errno.EIO, "refused")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+    async def commit(job_id: str, fail: bool) -> None:
+        if fail:
+            failing.add(job_id)
+        writer = store.open_writer(job_id)
+        writer.write(b"x")
+        if fail:
+            with pytest.raises(OSError):
+                await within(writer.commit())
+        else:
+            await within(writer.commit())
+
+    await commit("io-error-1", True)
+    assert store.storage_full() is None
+    await commit("disk-full-1", True)
+    assert store.storage_full(min_free=1 << 62) is not None
+    await commit("fine-job-1", False)
+    assert store.storage_full(min_free=1 << 62) is None
+    await commit("disk-full-2", True)
+    assert "refused" in (store.storage_full(min_free=1 << 62) or "")
+    assert store.storage_full(min_free=0) is None  # space is back
+    assert store.storage_full(min_free=1 << 62) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_open_stored_refuses_a_missing_or_truncated_body(store: DirectoryBodyStore) -> None:
+    """``open_stored`` opens a body of the recorded size; a body deleted or truncated
+    under its job raises ``BodyLostError`` (the API's 410 body_lost)."""
+    ids = [new_job_id() for _ in range(3)]
+    for job_id in ids:
+        writer = store.open_writer(job_id)
+        writer.write(b"0123456789")
+        await within(writer.commit())
+    with open_stored(store, ids[0], 10) as f:
+        assert f.read() == b"0123456789"
+    os.truncate(store.path(ids[1]), 3)
+    os.unlink(store.path(ids[2]))
+    with pytest.raises(BodyLostError, match="3 bytes, 10 were stored"):
+        open_stored(store, ids[1], 10)
+    with pytest.raises(BodyLostError, match="missing"):
+        open_stored(store, ids[2], 10)

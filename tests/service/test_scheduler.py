@@ -4,6 +4,7 @@ real loopback servers, on the real reactor. Pure timing arithmetic (backoff, jit
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import os
@@ -623,19 +624,24 @@ async def test_a_job_succeeds_only_once_its_body_is_committed(
     assert env.bodies.exists(job.id)
 
 
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [(errno.EIO, "internal_error"), (errno.ENOSPC, "storage_full"), (errno.EDQUOT, "storage_full")],
+)
 @pytest_twisted.ensureDeferred
 async def test_a_failed_body_commit_fails_the_job(
-    env: Env, monkeypatch: pytest.MonkeyPatch
+    env: Env, monkeypatch: pytest.MonkeyPatch, error: int, code: str
 ) -> None:
-    """A body that cannot be stored fails its job with ``internal_error`` (not retried,
-    no body), and the scheduler goes on with the next job."""
+    """A body that cannot be stored fails its job (not retried, no body): with
+    ``storage_full`` when the disk or quota is full, else ``internal_error``; the
+    scheduler goes on with the next job."""
     real = env.bodies.open_writer
     failing = env.job("/bytes?n=10")
 
     def open_writer(job_id: str) -> BodyWriter:
         writer = real(job_id)
         if job_id == failing.id:
-            monkeypatch.setattr(writer, "commit", lambda: fail(OSError(28, "disk full")))
+            monkeypatch.setattr(writer, "commit", lambda: fail(OSError(error, os.strerror(error))))
         return writer
 
     monkeypatch.setattr(env.bodies, "open_writer", open_writer)
@@ -646,8 +652,8 @@ async def test_a_failed_body_commit_fails_the_job(
     gone = await env.settled(failing)
     assert gone.state is JobState.FAILED
     assert gone.error is not None
-    assert gone.error.to_json()["code"] == "internal_error"
-    assert "cannot store the body" in gone.error.message
+    assert gone.error.to_json()["code"] == code
+    assert os.strerror(error) in gone.error.message
     assert not env.bodies.exists(failing.id)
     assert (await env.settled(fine)).state is JobState.SUCCEEDED
 
@@ -839,6 +845,26 @@ async def test_drain_requeues_long_transfers_at_the_timeout(env: Env) -> None:
         assert (back.state, back.attempts, back.started_at) == (JobState.QUEUED, 0, None)
         assert not env.bodies.exists(job.id)
     await until(lambda: env.log.active == 0, "the server to see the connections close")
+
+
+@pytest_twisted.ensureDeferred
+async def test_cut_short_ends_a_drain_at_once_and_requeues(env: Env) -> None:
+    """``cut_short()`` during a long drain (a second SIGTERM) aborts the running transfers
+    at once and puts them back to ``queued``, their attempt not counted; the drain's
+    Deferred fires promptly, not at its 30 s timeout."""
+    sched = env.scheduler()
+    jobs = [env.job(f"/concurrent?s=20&id={i}") for i in range(2)]
+    await env.add(*jobs)
+    sched.startService()
+    await until(lambda: env.log.active == 2, "two requests")
+    drained = sched.drain(30)
+    started = time.monotonic()
+    sched.cut_short()
+    await within(drained)
+    assert time.monotonic() - started < 2.0
+    for job in jobs:
+        back = await env.get(job)
+        assert (back.state, back.attempts) == (JobState.QUEUED, 0)
 
 
 @pytest_twisted.ensureDeferred
