@@ -95,6 +95,7 @@ from .postgres_sql import (
     OWNED_RUNNING,
     REAP,
     RECOVER_OWN,
+    RELEASE_OWN_KEYS,
     RENEW,
     SAVE,
     SQL,
@@ -252,13 +253,16 @@ class PostgresJobStore(StoreCore):
 
     def _open_database(self) -> tuple[str, int, dict[str, int]]:
         """Migrate under the migration lock, then requeue what a previous process with our
-        instance id left running and whatever has an expired lease; one transaction."""
+        instance id left running and whatever has an expired lease, and release the
+        Idempotency-Key reservations a previous process with our instance id left (it
+        died before recording them: none of their jobs exists); one transaction."""
         conn = self._connection()
         with conn.transaction():
             schema = ensure_schema(conn)
             conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (LOCK_MIGRATE, schema))
             migrate(conn, SQL, MIGRATIONS)
             own = conn.execute(RECOVER_OWN, (self.instance_id,)).rowcount
+            conn.execute(RELEASE_OWN_KEYS, (self.instance_id + "/",))
             expired = conn.execute(REAP).rowcount
             if own + expired:
                 notify(conn, WAKE_CHANNEL, schema, self.instance_id)

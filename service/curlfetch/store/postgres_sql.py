@@ -140,6 +140,10 @@ REAP = (
     "UPDATE jobs SET state = 'queued', owner = NULL, lease_until = NULL "  # noqa: S608
     f"WHERE state = 'running' AND lease_until < {_DB_NOW} RETURNING client"
 )
+RELEASE_OWN_KEYS = (
+    "DELETE FROM idempotency_keys WHERE state = 'reserved' AND starts_with(owner, %s)"
+)
+"""A store's ``owner`` is ``<instance id>/<random>``: the prefix is ``<instance id>/``."""
 OWNED_RUNNING = "SELECT id, client FROM jobs WHERE state = 'running' AND owner = %s"
 RECOVER_OWN = (
     "UPDATE jobs SET state = 'queued', owner = NULL, lease_until = NULL "

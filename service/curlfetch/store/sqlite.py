@@ -304,10 +304,14 @@ class SQLiteJobStore(StoreCore):
 
 
 def _open_database(conn: sqlite3.Connection) -> tuple[int, dict[str, int]]:
-    """Migrate, then requeue what a previous process left running; one transaction."""
+    """Migrate, then requeue what a previous process left running and release the
+    Idempotency-Key reservations it left (it died between reserving and recording: none
+    of their jobs exists, and one process owns the file, so every reservation found now
+    is a dead one); one transaction."""
     conn.execute("BEGIN IMMEDIATE")
     migrate(conn, _SQL, MIGRATIONS)
     recovered = conn.execute(_RECOVER).rowcount
+    conn.execute("DELETE FROM idempotency_keys WHERE state = 'reserved'")
     queued = conn.execute(_SQL.queued_counts).fetchall()
     return recovered, dict(queued)
 
