@@ -59,6 +59,8 @@ UNAUTHORIZED = {"$ref": "#/components/responses/Unauthorized"}
 INTERNAL = {"$ref": "#/components/responses/InternalError"}
 UNAVAILABLE = {"$ref": "#/components/responses/StoreUnavailable"}
 BAD_AUTH_RESPONSE = error_response(f"{BAD_AUTH}.")
+V1_ERRORS = {"401": UNAUTHORIZED, "500": INTERNAL, "503": UNAVAILABLE}
+"""What every authenticated route over the store may answer besides its own."""
 
 ERROR_SCHEMA: dict[str, Any] = {
     "type": "object",

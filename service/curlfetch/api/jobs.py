@@ -6,6 +6,9 @@ authenticated client is the only one whose jobs a request can see: another clien
 is 404, exactly like a job that does not exist. Per-client quotas answer 429 with
 Retry-After. ``POST /v1/jobs`` takes an optional ``Idempotency-Key`` (IETF
 draft-ietf-httpapi-idempotency-key-header, Stripe's semantics): see ``submit``.
+
+The OpenAPI operations are declared here, next to their routes: they are about a third
+of this module's length, and keeping them elsewhere would make two places to change.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from ..openapi import (
     NOT_FOUND,
     RETRY_AFTER,
     UNAUTHORIZED,
-    UNAVAILABLE,
+    V1_ERRORS,
     error_response,
     json_content,
     ref,
@@ -75,6 +78,10 @@ MAX_LIST_LIMIT = 1000
 _CURSOR = re.compile(r"[0-9A-Za-z_-]{1,128}\Z")
 _DIGITS = re.compile(r"[0-9]{1,9}\Z")
 _SAFE_CONTENT_TYPE = re.compile(r"[\x20-\x7e]{1,256}\Z")
+
+
+_JOB_ERRORS = {**V1_ERRORS, "404": NOT_FOUND}
+"""What every route on one job may answer besides its own."""
 
 
 # -- operations ----------------------------------------------------------------------------
@@ -207,9 +214,7 @@ def _list_doc(api: JobAPI) -> dict[str, Any]:
                 "content": json_content(ref("JobList")),
             },
             "400": error_response(f"A bad state, limit or cursor. {BAD_AUTH}."),
-            "401": UNAUTHORIZED,
-            "500": INTERNAL,
-            "503": UNAVAILABLE,
+            **V1_ERRORS,
         },
     }
 
@@ -232,10 +237,7 @@ def _get_doc(api: JobAPI) -> dict[str, Any]:
         "responses": {
             "200": {"description": "The job.", "content": json_content(ref("Job"))},
             "400": error_response(f"`wait` is not a number >= 0. {BAD_AUTH}."),
-            "401": UNAUTHORIZED,
-            "404": NOT_FOUND,
-            "500": INTERNAL,
-            "503": UNAVAILABLE,
+            **_JOB_ERRORS,
         },
     }
 
@@ -250,11 +252,8 @@ def _cancel_doc(api: JobAPI) -> dict[str, Any]:
                 "content": json_content(ref("Job")),
             },
             "400": BAD_AUTH_RESPONSE,
-            "401": UNAUTHORIZED,
-            "404": NOT_FOUND,
+            **_JOB_ERRORS,
             "409": error_response("The job had already finished."),
-            "500": INTERNAL,
-            "503": UNAVAILABLE,
         },
     }
 
@@ -280,16 +279,13 @@ def _body_doc(api: JobAPI) -> dict[str, Any]:
             },
             "304": {"description": "Not modified (If-None-Match matched)."},
             "400": BAD_AUTH_RESPONSE,
-            "401": UNAUTHORIZED,
-            "404": NOT_FOUND,
-            "500": INTERNAL,
-            "503": UNAVAILABLE,
+            **_JOB_ERRORS,
         },
     }
 
 
 def _schemas(api: JobAPI) -> dict[str, Any]:
-    return job_schemas(api.max_batch)
+    return job_schemas(api.max_batch, api.limits)
 
 
 # -- the resource --------------------------------------------------------------------------

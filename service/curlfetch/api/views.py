@@ -9,10 +9,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from ..jobs import Job, JobState, Limits
-from ..openapi import HEADER_PAIR, NUMBER_OR_NULL, nullable, ref
-
-_LIMITS = Limits()
+from ..jobs import SPEC, Job, JobState, Limits
+from ..openapi import HEADER_PAIR, nullable, ref
 
 
 def rfc3339(ts: float | None) -> str | None:
@@ -56,104 +54,11 @@ def job_view(job: Job) -> dict[str, Any]:
     }
 
 
-def job_schemas(max_batch: int) -> dict[str, Any]:
-    """The component schemas of the job routes."""
+def job_schemas(max_batch: int, limits: Limits) -> dict[str, Any]:
+    """The component schemas of the job routes; ``JobSpec`` (what a client sends) and
+    ``Request`` (the spec as accepted) come from the spec's field table."""
     return {
-        "JobSpec": {
-            "type": "object",
-            "description": (
-                "One job to run. Only `url` is required; everything else has a default "
-                "(shown normalized in the job's `request`). Unknown fields are refused."
-            ),
-            "required": ["url"],
-            "additionalProperties": False,
-            "properties": {
-                "url": {
-                    "type": "string",
-                    "minLength": 1,
-                    "maxLength": _LIMITS.max_url_length,
-                    "description": "An http or https URL, without whitespace.",
-                },
-                "method": {
-                    "type": "string",
-                    "default": "GET",
-                    "description": f"One of {sorted(_LIMITS.methods)} (by default).",
-                },
-                "headers": {
-                    "type": "array",
-                    "items": HEADER_PAIR,
-                    "maxItems": _LIMITS.max_headers,
-                    "description": (
-                        "[name, value] pairs, sent in order; names are RFC 9110 tokens, "
-                        "values must not contain CR, LF or NUL."
-                    ),
-                },
-                "body": {
-                    "type": ["string", "null"],
-                    "description": "A text body, sent as UTF-8.",
-                },
-                "body_base64": {
-                    "type": ["string", "null"],
-                    "contentEncoding": "base64",
-                    "description": "A binary body (give `body` or this, not both).",
-                },
-                "timeout": {
-                    **NUMBER_OR_NULL,
-                    "exclusiveMinimum": 0,
-                    "maximum": _LIMITS.max_timeout,
-                    "description": "Seconds for the whole transfer.",
-                },
-                "connect_timeout": {
-                    **NUMBER_OR_NULL,
-                    "exclusiveMinimum": 0,
-                    "maximum": _LIMITS.max_timeout,
-                },
-                "follow_redirects": {"type": "boolean", "default": True},
-                "max_redirects": {
-                    "type": ["integer", "null"],
-                    "minimum": 0,
-                    "maximum": _LIMITS.max_redirects,
-                },
-                "max_body_bytes": {
-                    "type": ["integer", "null"],
-                    "minimum": 1,
-                    "maximum": _LIMITS.max_body_bytes,
-                },
-                "http_version": {"enum": ["1.1", "2", "3", None]},
-                "priority": {
-                    "type": ["integer", "null"],
-                    "minimum": -(2**31),
-                    "maximum": 2**31 - 1,
-                    "description": "Higher runs first; FIFO within a priority.",
-                },
-                "retry": {
-                    "type": ["object", "null"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "max_attempts": {
-                            "type": ["integer", "null"],
-                            "minimum": 1,
-                            "maximum": _LIMITS.max_attempts,
-                        },
-                        "backoff": {
-                            **NUMBER_OR_NULL,
-                            "minimum": 0,
-                            "maximum": _LIMITS.max_backoff,
-                        },
-                    },
-                },
-                "deadline": {
-                    **NUMBER_OR_NULL,
-                    "exclusiveMinimum": 0,
-                    "maximum": _LIMITS.max_deadline,
-                    "description": "Seconds after submission by which the job must finish.",
-                },
-                "metadata": {
-                    "type": ["object", "null"],
-                    "description": "Yours; returned unchanged in the job view.",
-                },
-            },
-        },
+        "JobSpec": SPEC.schema(limits),
         "Batch": {
             "type": "object",
             "required": ["jobs"],
@@ -167,48 +72,7 @@ def job_schemas(max_batch: int) -> dict[str, Any]:
                 }
             },
         },
-        "Request": {
-            "type": "object",
-            "description": "The job spec as accepted, with every default filled in.",
-            "required": [
-                "url",
-                "method",
-                "headers",
-                "timeout",
-                "connect_timeout",
-                "follow_redirects",
-                "max_redirects",
-                "max_body_bytes",
-                "http_version",
-                "priority",
-                "retry",
-                "deadline",
-            ],
-            "additionalProperties": False,
-            "properties": {
-                "url": {"type": "string"},
-                "method": {"type": "string"},
-                "headers": {"type": "array", "items": HEADER_PAIR},
-                "body_base64": {"type": "string", "contentEncoding": "base64"},
-                "timeout": {"type": "number"},
-                "connect_timeout": {"type": "number"},
-                "follow_redirects": {"type": "boolean"},
-                "max_redirects": {"type": "integer"},
-                "max_body_bytes": {"type": "integer"},
-                "http_version": {"enum": ["1.1", "2", "3", None]},
-                "priority": {"type": "integer"},
-                "retry": {
-                    "type": "object",
-                    "required": ["max_attempts", "backoff"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "max_attempts": {"type": "integer"},
-                        "backoff": {"type": "number"},
-                    },
-                },
-                "deadline": NUMBER_OR_NULL,
-            },
-        },
+        "Request": SPEC.view(limits),
         "Body": {
             "type": "object",
             "required": ["size", "sha256", "url", "truncated"],
