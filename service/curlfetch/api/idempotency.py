@@ -5,8 +5,6 @@ reservation in the store, a background release, and the 409/422 answers.
 
 from __future__ import annotations
 
-import re
-
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -15,10 +13,10 @@ from twisted.web.iweb import IRequest
 
 from ..store import IdempotencyInProgressError, IdempotencyMismatchError, JobStore, StoredResponse
 from .http import ApiError, shielded
+from .routes import Param
 
 log = Logger()
 
-_IDEMPOTENCY_KEY = re.compile(rb"[\x21-\x7e]{1,255}\Z")
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 IN_PROGRESS_RETRY_AFTER = 1
 """Retry-After (seconds) of a 409 for a key whose first request is still being accepted:
@@ -26,21 +24,21 @@ that normally takes milliseconds (a reservation left by a crashed process takes 
 ``IDEMPOTENCY_ABANDONED_AFTER``)."""
 
 
+IDEMPOTENCY_KEY = Param(
+    IDEMPOTENCY_HEADER,
+    {"type": "string", "minLength": 1, "maxLength": 255},
+    str,
+    f"{IDEMPOTENCY_HEADER} must be one header of 1 to 255 visible ASCII characters",
+    where="header",
+    pattern="[!-~]{1,255}",
+    description="Any unique value (a UUID), compared verbatim; remembered for 24 hours.",
+)
+"""The ``Idempotency-Key`` header, taken verbatim (a structured-field string keeps its
+quotes): 1-255 visible ASCII characters, at most one header; else 400."""
+
+
 def idempotency_key(request: IRequest) -> str | None:
-    """The ``Idempotency-Key`` header, taken verbatim (a structured-field string keeps
-    its quotes): 1-255 visible ASCII characters, at most one header; else 400."""
-    values = request.requestHeaders.getRawHeaders(b"idempotency-key")
-    if values is None:
-        return None
-    if len(values) != 1 or not _IDEMPOTENCY_KEY.match(values[0]):
-        raise ApiError(
-            400,
-            "invalid_request",
-            f"{IDEMPOTENCY_HEADER} must be one header of 1 to 255 visible ASCII characters",
-            field=IDEMPOTENCY_HEADER,
-        )
-    value: bytes = values[0]
-    return value.decode("ascii")
+    return IDEMPOTENCY_KEY.get(request)
 
 
 async def reserve(

@@ -56,13 +56,12 @@ from .http import (
     first_error,
     json_response,
     parse_json,
-    query,
     read_body,
     send_stored,
     shielded,
 )
-from .idempotency import idempotency_key, key_refused, release, reserve
-from .routes import ApiResource, route
+from .idempotency import IDEMPOTENCY_KEY, idempotency_key, key_refused, release, reserve
+from .routes import ApiResource, Param, route
 from .views import job_schemas, job_url, job_view
 from .waiters import JobWaiters
 
@@ -75,13 +74,63 @@ MAX_BATCH = 1000
 MAX_WAIT = 60.0
 DEFAULT_LIST_LIMIT = 100
 MAX_LIST_LIMIT = 1000
-_CURSOR = re.compile(r"[0-9A-Za-z_-]{1,128}\Z")
-_DIGITS = re.compile(r"[0-9]{1,9}\Z")
+_DIGITS = re.compile(r"[0-9]{1,9}")
 _SAFE_CONTENT_TYPE = re.compile(r"[\x20-\x7e]{1,256}\Z")
 
 
 _JOB_ERRORS = {**V1_ERRORS, "404": NOT_FOUND}
 """What every route on one job may answer besides its own."""
+
+
+# -- parameters ---------------------------------------------------------------------------
+
+
+def _limit(raw: str) -> int:
+    if not _DIGITS.fullmatch(raw):
+        raise ValueError(raw)
+    limit = int(raw)
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        raise ValueError(raw)
+    return limit
+
+
+def _wait(raw: str) -> float:
+    wait = float(raw)
+    if not math.isfinite(wait) or wait < 0:
+        raise ValueError(raw)
+    return min(wait, MAX_WAIT)
+
+
+STATE = Param(
+    "state",
+    {"enum": [s.value for s in JobState]},
+    JobState,
+    f"state must be one of {[s.value for s in JobState]}",
+)
+LIMIT = Param(
+    "limit",
+    {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT, "default": DEFAULT_LIST_LIMIT},
+    _limit,
+    f"limit must be an integer from 1 to {MAX_LIST_LIMIT}",
+)
+CURSOR = Param(
+    "cursor",
+    {"type": "string"},
+    str,
+    "cursor is not a valid cursor",
+    pattern="[0-9A-Za-z_-]{1,128}",
+    description="`next_cursor` of the previous page (opaque).",
+)
+WAIT = Param(
+    "wait",
+    {"type": "number", "minimum": 0},
+    _wait,
+    "wait must be a number of seconds >= 0",
+    description=(
+        "Long-poll: answer once the job is terminal or after this "
+        f"many seconds (capped at {MAX_WAIT:g}), whichever is first."
+    ),
+)
 
 
 # -- operations ----------------------------------------------------------------------------
@@ -112,22 +161,7 @@ def _submit_doc(api: JobAPI) -> dict[str, Any]:
             "is refused (4xx, 429, 503) does not use the key up. Keys are "
             "per client."
         ),
-        "parameters": [
-            {
-                "name": "Idempotency-Key",
-                "in": "header",
-                "required": False,
-                "description": (
-                    "Any unique value (a UUID), compared verbatim; remembered for 24 hours."
-                ),
-                "schema": {
-                    "type": "string",
-                    "minLength": 1,
-                    "maxLength": 255,
-                    "pattern": "^[!-~]+$",
-                },
-            }
-        ],
+        "parameters": [IDEMPOTENCY_KEY.doc()],
         "requestBody": {
             "required": True,
             "content": json_content({"anyOf": [ref("JobSpec"), ref("Batch")]}),
@@ -185,29 +219,7 @@ def _list_doc(api: JobAPI) -> dict[str, Any]:
     return {
         "operationId": "listJobs",
         "summary": "List jobs, newest first, a page at a time.",
-        "parameters": [
-            {
-                "name": "state",
-                "in": "query",
-                "schema": {"enum": [s.value for s in JobState]},
-            },
-            {
-                "name": "limit",
-                "in": "query",
-                "schema": {
-                    "type": "integer",
-                    "minimum": 1,
-                    "maximum": MAX_LIST_LIMIT,
-                    "default": DEFAULT_LIST_LIMIT,
-                },
-            },
-            {
-                "name": "cursor",
-                "in": "query",
-                "description": "`next_cursor` of the previous page (opaque).",
-                "schema": {"type": "string"},
-            },
-        ],
+        "parameters": [STATE.doc(), LIMIT.doc(), CURSOR.doc()],
         "responses": {
             "200": {
                 "description": "A page of jobs.",
@@ -223,17 +235,7 @@ def _get_doc(api: JobAPI) -> dict[str, Any]:
     return {
         "operationId": "getJob",
         "summary": "A job; optionally wait until it is finished.",
-        "parameters": [
-            {
-                "name": "wait",
-                "in": "query",
-                "description": (
-                    "Long-poll: answer once the job is terminal or after this "
-                    f"many seconds (capped at {MAX_WAIT:g}), whichever is first."
-                ),
-                "schema": {"type": "number", "minimum": 0},
-            }
-        ],
+        "parameters": [WAIT.doc()],
         "responses": {
             "200": {"description": "The job.", "content": json_content(ref("Job"))},
             "400": error_response(f"`wait` is not a number >= 0. {BAD_AUTH}."),
@@ -386,32 +388,9 @@ class JobsResource(ApiResource):
     async def list_jobs(self, request: IRequest) -> bytes:
         """Newest first; ``next_cursor`` continues after the last job of this page."""
         client = self.api.client(request)
-        state_raw = query(request, "state")
-        state: JobState | None = None
-        if state_raw is not None:
-            try:
-                state = JobState(state_raw)
-            except ValueError:
-                raise ApiError(
-                    400,
-                    "invalid_request",
-                    f"state must be one of {[s.value for s in JobState]}",
-                    field="state",
-                ) from None
-        limit = DEFAULT_LIST_LIMIT
-        limit_raw = query(request, "limit")
-        if limit_raw is not None:
-            if not _DIGITS.match(limit_raw) or not 1 <= int(limit_raw) <= MAX_LIST_LIMIT:
-                raise ApiError(
-                    400,
-                    "invalid_request",
-                    f"limit must be an integer from 1 to {MAX_LIST_LIMIT}",
-                    field="limit",
-                )
-            limit = int(limit_raw)
-        cursor = query(request, "cursor")
-        if cursor is not None and not _CURSOR.match(cursor):
-            raise ApiError(400, "invalid_request", "cursor is not a valid cursor", field="cursor")
+        state = STATE.get(request)
+        limit = LIMIT.get(request) or DEFAULT_LIST_LIMIT
+        cursor = CURSOR.get(request)
         jobs = await self.api.store.list_jobs(client, state, limit + 1, cursor)
         next_cursor = jobs[limit - 1].id if len(jobs) > limit else None
         return json_response(
@@ -422,7 +401,7 @@ class JobsResource(ApiResource):
     async def get_job(self, request: IRequest, job_id: str) -> bytes:
         """The job; with ``?wait=N``, once it is terminal or N seconds have passed."""
         client = self.api.client(request)
-        wait = _wait_arg(request)
+        wait = WAIT.get(request) or 0.0
         if wait <= 0 or self.api.draining:
             return json_response(request, job_view(await self._get(client, job_id)))
         self.waiters.watch(job_id)
@@ -590,21 +569,6 @@ def _spec_error(e: SpecError) -> ApiError:
 
 def _not_found(job_id: str) -> ApiError:
     return ApiError(404, "not_found", f"no job {job_id}")
-
-
-def _wait_arg(request: IRequest) -> float:
-    raw = query(request, "wait")
-    if raw is None:
-        return 0.0
-    try:
-        wait = float(raw)
-    except ValueError:
-        wait = math.nan
-    if not math.isfinite(wait) or wait < 0:
-        raise ApiError(
-            400, "invalid_request", "wait must be a number of seconds >= 0", field="wait"
-        )
-    return min(wait, MAX_WAIT)
 
 
 def _file_size(file: IO[bytes]) -> int:

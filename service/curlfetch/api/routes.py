@@ -1,6 +1,8 @@
 """Routes declared once: a resource's method carries its path, its HTTP method and its
 OpenAPI operation, and both the Klein app and the document's ``paths`` are built from
-those declarations (``mount``, ``paths``), so a route cannot exist undocumented.
+those declarations (``mount``, ``paths``), so a route cannot exist undocumented. A query
+or header parameter (``Param``) is likewise one declaration that reads and checks it
+and documents it.
 
 A resource is a class with ``@route`` methods, built with the ``JobAPI`` it serves;
 adding one is a new module and one line in ``api/__init__.py``'s ``RESOURCES``.
@@ -10,16 +12,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import attrs
 from klein import Klein
 from twisted.web.iweb import IRequest
 
+from .http import ApiError, query
+
 if TYPE_CHECKING:
     from . import JobAPI
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 Operation = dict[str, Any] | Callable[["JobAPI"], dict[str, Any]]
 """An OpenAPI operation object, or a function of the API (its limits) that makes one."""
 
@@ -42,6 +47,61 @@ class Route:
     @property
     def path_parameters(self) -> list[str]:
         return _PARAM.findall(self.path)
+
+
+@attrs.frozen
+class Param(Generic[T]):
+    """A query parameter (or a header, given once): ``get`` is its value, ``None`` when
+    absent, or 400 ``invalid_request`` naming it with ``message``; ``doc`` is its
+    OpenAPI parameter object. ``parse`` raises ``ValueError`` for a bad value; a
+    ``pattern`` is checked first (whole value) and documented as the schema's pattern."""
+
+    name: str
+    schema: dict[str, Any]
+    parse: Callable[[str], T]
+    message: str
+    where: str = "query"
+    pattern: str | None = None
+    description: str | None = None
+    _regex: re.Pattern[str] | None = attrs.field(init=False, eq=False, repr=False)
+
+    @_regex.default
+    def _compile(self) -> re.Pattern[str] | None:
+        return None if self.pattern is None else re.compile(self.pattern)
+
+    def get(self, request: IRequest) -> T | None:
+        if self.where == "header":
+            values = request.requestHeaders.getRawHeaders(self.name.lower().encode())
+            if values is None:
+                return None
+            if len(values) != 1:
+                raise self.invalid()
+            raw: str | None = values[0].decode("latin-1")
+        else:
+            raw = query(request, self.name)
+        if raw is None:
+            return None
+        if self._regex is not None and not self._regex.fullmatch(raw):
+            raise self.invalid()
+        try:
+            return self.parse(raw)
+        except ValueError:
+            raise self.invalid() from None
+
+    def invalid(self) -> ApiError:
+        return ApiError(400, "invalid_request", self.message, field=self.name)
+
+    def doc(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "in": self.where}
+        if self.where == "header":
+            out["required"] = False
+        if self.description:
+            out["description"] = self.description
+        schema = dict(self.schema)
+        if self.pattern is not None:
+            schema["pattern"] = f"^{self.pattern}$"
+        out["schema"] = schema
+        return out
 
 
 def route(path: str, method: str, operation: Operation) -> Callable[[F], F]:
