@@ -20,7 +20,6 @@ import re
 from typing import IO, TYPE_CHECKING, Any
 
 from twisted.internet.defer import gatherResults
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.iweb import IRequest
@@ -68,7 +67,6 @@ from .waiters import JobWaiters
 if TYPE_CHECKING:
     from . import JobAPI
 
-log = Logger()
 
 MAX_BATCH = 1000
 MAX_WAIT = 60.0
