@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
-import json
 import os
 import re
 import time
@@ -24,6 +23,40 @@ from urllib.parse import urlsplit
 
 import attrs
 import pycurl
+
+from .fields import (
+    Boolean,
+    Check,
+    Choice,
+    Field,
+    Integer,
+    JsonObject,
+    Number,
+    Object,
+    SpecError,
+    Table,
+    Text,
+    constant,
+    described,
+)
+from .openapi import HEADER_PAIR
+
+__all__ = [
+    "FRAMING_HEADERS",
+    "IDEMPOTENT_METHODS",
+    "SPEC",
+    "BodyInfo",
+    "Job",
+    "JobError",
+    "JobResult",
+    "JobSpec",
+    "JobState",
+    "Limits",
+    "RetryPolicy",
+    "SpecError",
+    "new_job_id",
+    "spec_from_stored",
+]
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
@@ -55,19 +88,6 @@ class JobState(enum.StrEnum):
 
 
 _TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
-
-
-class SpecError(ValueError):
-    """A job spec is invalid; ``field`` is a path into the submitted JSON."""
-
-    def __init__(self, field: str, message: str) -> None:
-        self.field = field
-        self.message = message
-        super().__init__(f"{field}: {message}")
-
-    def within(self, prefix: str) -> SpecError:
-        """The same error, located inside ``prefix`` (``jobs[3]``)."""
-        return SpecError(f"{prefix}.{self.field}" if self.field else prefix, self.message)
 
 
 @attrs.frozen
@@ -153,49 +173,6 @@ class JobSpec:
         return _parse_spec(raw, limits)
 
 
-_SPEC_FIELDS = frozenset(
-    {
-        "url",
-        "method",
-        "headers",
-        "body",
-        "body_base64",
-        "timeout",
-        "connect_timeout",
-        "follow_redirects",
-        "max_redirects",
-        "max_body_bytes",
-        "http_version",
-        "priority",
-        "retry",
-        "deadline",
-        "metadata",
-    }
-)
-
-
-def _number(raw: Mapping[str, Any], name: str, low: float, high: float) -> float | None:
-    value = raw.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise SpecError(name, "must be a number")
-    if not low < value <= high:
-        raise SpecError(name, f"must be > {low:g} and <= {high:g}")
-    return float(value)
-
-
-def _integer(raw: Mapping[str, Any], name: str, low: int, high: int) -> int | None:
-    value = raw.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SpecError(name, "must be an integer")
-    if not low <= value <= high:
-        raise SpecError(name, f"must be between {low} and {high}")
-    return value
-
-
 def _check_url(url: str, limits: Limits) -> None:
     """Raise ``SpecError("url", ...)`` unless ``urlsplit`` and libcurl agree on it."""
     if len(url) > limits.max_url_length:
@@ -236,146 +213,250 @@ def _check_url(url: str, limits: Limits) -> None:
         raise SpecError("url", f"libcurl reads its host as {shown}; give the URL in that form")
 
 
+# -- the spec's fields: validation and JSON Schema from one declaration -------------------
+
+
+@attrs.frozen
+class _Method(Field):
+    """An HTTP method token, upper-cased, one of ``limits.methods``."""
+
+    def bind(self, limits: Limits) -> Check:
+        name, methods = self.name, limits.methods
+        not_allowed = f"must be one of {sorted(methods)}"
+
+        def check(raw: Mapping[str, Any], out: dict[str, Any], root: dict[str, Any]) -> None:
+            value = raw.get(name, "GET")
+            if value.__class__ is not str or not _TOKEN.match(value):
+                raise SpecError(name, "must be an HTTP method token")
+            value = value.upper()
+            if value not in methods:
+                raise SpecError(name, not_allowed)
+            out[name] = value
+
+        return check
+
+    def schema(self, limits: Limits) -> dict[str, dict[str, Any]]:
+        description = f"One of {sorted(limits.methods)} (in any case)."
+        return {self.name: {"type": "string", "default": "GET", "description": description}}
+
+    def view(self, limits: Limits) -> dict[str, tuple[dict[str, Any], bool]]:
+        return {self.name: ({"type": "string"}, True)}
+
+
+@attrs.frozen
+class _Headers(Field):
+    """[name, value] pairs that libcurl sends as given: tokens, field values, no framing."""
+
+    def bind(self, limits: Limits) -> Check:
+        name, max_headers, max_bytes = self.name, limits.max_headers, limits.max_header_bytes
+        too_many, too_large = (
+            f"at most {max_headers} headers",
+            f"more than {max_bytes} bytes in all",
+        )
+
+        def check(raw: Mapping[str, Any], out: dict[str, Any], root: dict[str, Any]) -> None:
+            pairs = raw.get(name, [])
+            if not isinstance(pairs, list):
+                raise SpecError(name, "must be a list of [name, value] pairs")
+            if len(pairs) > max_headers:
+                raise SpecError(name, too_many)
+            headers: list[tuple[str, str]] = []
+            size = 0
+            for i, pair in enumerate(pairs):
+                if not (
+                    isinstance(pair, list)
+                    and len(pair) == 2
+                    and all(isinstance(p, str) for p in pair)
+                ):
+                    raise SpecError(f"{name}[{i}]", "must be a [name, value] pair of strings")
+                key, value = pair
+                if not _TOKEN.match(key):
+                    raise SpecError(f"{name}[{i}]", "header name must be an RFC 9110 token")
+                if key.lower() in FRAMING_HEADERS:
+                    raise SpecError(f"{name}[{i}]", f"{key} is set by libcurl, not by a job")
+                if _BAD_VALUE.search(value):
+                    raise SpecError(f"{name}[{i}]", "header value must not contain CR, LF or NUL")
+                if _NOT_FIELD_VALUE.search(value):
+                    raise SpecError(
+                        f"{name}[{i}]", "header value must be visible ASCII, spaces and tabs"
+                    )
+                size += len(key) + len(value) + 4
+                headers.append((key, value))
+            if size > max_bytes:
+                raise SpecError(name, too_large)
+            out[name] = tuple(headers)
+
+        return check
+
+    def schema(self, limits: Limits) -> dict[str, dict[str, Any]]:
+        schema = {"type": "array", "items": HEADER_PAIR, "maxItems": limits.max_headers}
+        return {self.name: described(schema, self.description)}
+
+    def view(self, limits: Limits) -> dict[str, tuple[dict[str, Any], bool]]:
+        return {self.name: ({"type": "array", "items": HEADER_PAIR}, True)}
+
+
+@attrs.frozen
+class _Body(Field):
+    """``body`` (text, sent as UTF-8) or ``body_base64`` (bytes), not both; none for HEAD.
+    Checked after ``method``."""
+
+    base64_name: str = "body_base64"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, self.base64_name)
+
+    def bind(self, limits: Limits) -> Check:
+        text_name, b64_name, max_bytes = self.name, self.base64_name, limits.max_request_body_bytes
+        too_large = f"is larger than {max_bytes} bytes"
+
+        def check(raw: Mapping[str, Any], out: dict[str, Any], root: dict[str, Any]) -> None:
+            if text_name in raw and b64_name in raw:
+                raise SpecError(text_name, f"give {text_name} or {b64_name}, not both")
+            body: bytes | None = None
+            text, encoded = raw.get(text_name), raw.get(b64_name)
+            if text is not None:
+                if not isinstance(text, str):
+                    raise SpecError(text_name, f"must be a string (use {b64_name} for bytes)")
+                body = text.encode("utf-8")
+            elif encoded is not None:
+                if not isinstance(encoded, str):
+                    raise SpecError(b64_name, "must be a base64 string")
+                try:
+                    body = base64.b64decode(encoded, validate=True)
+                except (binascii.Error, ValueError):
+                    raise SpecError(b64_name, "is not valid base64") from None
+            if body is not None:
+                if len(body) > max_bytes:
+                    raise SpecError(text_name if text_name in raw else b64_name, too_large)
+                if root["method"] == "HEAD":
+                    raise SpecError(text_name, "a HEAD request cannot have a body")
+            out[text_name] = body
+
+        return check
+
+    def schema(self, limits: Limits) -> dict[str, dict[str, Any]]:
+        return {
+            self.name: described({"type": ["string", "null"]}, self.description),
+            self.base64_name: {
+                "type": ["string", "null"],
+                "contentEncoding": "base64",
+                "description": f"A binary body (give `{self.name}` or this, not both).",
+            },
+        }
+
+    def view(self, limits: Limits) -> dict[str, tuple[dict[str, Any], bool]]:
+        return {self.base64_name: ({"type": "string", "contentEncoding": "base64"}, False)}
+
+
+def _default_attempts(limits: Limits, spec: dict[str, Any]) -> int:
+    return 3 if spec["method"] in IDEMPOTENT_METHODS else 1
+
+
+_RETRY = Table(
+    (
+        Integer("max_attempts", 1, lambda lim: lim.max_attempts, default=_default_attempts),
+        Number("backoff", 0, lambda lim: lim.max_backoff, exclusive=False, default=constant(1.0)),
+    )
+)
+
+SPEC = Table(
+    (
+        Text(
+            "url",
+            max_length=lambda lim: lim.max_url_length,
+            message="is required and must be a string",
+            check=_check_url,
+            description="An http or https URL, without whitespace.",
+        ),
+        _Method("method"),
+        _Headers(
+            "headers",
+            description=(
+                "[name, value] pairs, sent in order; names are RFC 9110 tokens, "
+                "values must not contain CR, LF or NUL."
+            ),
+        ),
+        _Body("body", description="A text body, sent as UTF-8."),
+        Number(
+            "timeout",
+            0,
+            lambda lim: lim.max_timeout,
+            default=lambda lim, spec: min(lim.default_timeout, lim.max_timeout),
+            description="Seconds for the whole transfer.",
+        ),
+        Number(
+            "connect_timeout",
+            0,
+            lambda lim: lim.max_timeout,
+            default=lambda lim, spec: min(lim.default_connect_timeout, spec["timeout"]),
+        ),
+        Boolean("follow_redirects", default=True),
+        Integer(
+            "max_redirects",
+            0,
+            lambda lim: lim.max_redirects,
+            default=lambda lim, spec: min(lim.default_max_redirects, lim.max_redirects),
+        ),
+        Integer(
+            "max_body_bytes",
+            1,
+            lambda lim: lim.max_body_bytes,
+            default=lambda lim, spec: lim.max_body_bytes,
+        ),
+        Choice("http_version", ("1.1", "2", "3"), 'must be "1.1", "2" or "3"'),
+        Integer(
+            "priority",
+            -(2**31),
+            2**31 - 1,
+            default=constant(0),
+            description="Higher runs first; FIFO within a priority.",
+        ),
+        Object(
+            "retry",
+            table=_RETRY,
+            message='must be {"max_attempts": n, "backoff": seconds}',
+            build=lambda fields: RetryPolicy(**fields),
+        ),
+        Number(
+            "deadline",
+            0,
+            lambda lim: lim.max_deadline,
+            description="Seconds after submission by which the job must finish.",
+        ),
+        JsonObject(
+            "metadata",
+            max_bytes=lambda lim: lim.max_metadata_bytes,
+            description="Yours; returned unchanged in the job view.",
+        ),
+    ),
+    description=(
+        "One job to run. Only `url` is required; everything else has a default "
+        "(shown normalized in the job's `request`). Unknown fields are refused."
+    ),
+    view_description="The job spec as accepted, with every default filled in.",
+)
+"""The job spec: what ``JobSpec.from_json`` accepts, in the order it checks (the first
+error wins), and the ``JobSpec`` and ``Request`` schemas of the OpenAPI document."""
+
+
+_bound: dict[int, tuple[Limits, Check]] = {}
+"""``SPEC`` bound to each ``Limits`` in use, by identity: hashing a ``Limits`` per spec
+would cost more than checking most fields."""
+
+
 def _parse_spec(raw: object, limits: Limits) -> JobSpec:
     if not isinstance(raw, dict):
         raise SpecError("", "a job spec must be a JSON object")
-    for key in raw:
-        if key not in _SPEC_FIELDS:
-            raise SpecError(str(key), "unknown field")
-
-    url = raw.get("url")
-    if not isinstance(url, str) or not url:
-        raise SpecError("url", "is required and must be a string")
-    _check_url(url, limits)
-
-    method = raw.get("method", "GET")
-    if not isinstance(method, str) or not _TOKEN.match(method):
-        raise SpecError("method", "must be an HTTP method token")
-    method = method.upper()
-    if method not in limits.methods:
-        raise SpecError("method", f"must be one of {sorted(limits.methods)}")
-
-    headers_raw = raw.get("headers", [])
-    if not isinstance(headers_raw, list):
-        raise SpecError("headers", "must be a list of [name, value] pairs")
-    if len(headers_raw) > limits.max_headers:
-        raise SpecError("headers", f"at most {limits.max_headers} headers")
-    headers: list[tuple[str, str]] = []
-    header_bytes = 0
-    for i, pair in enumerate(headers_raw):
-        field = f"headers[{i}]"
-        if not (
-            isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)
-        ):
-            raise SpecError(field, "must be a [name, value] pair of strings")
-        name, value = pair
-        if not _TOKEN.match(name):
-            raise SpecError(field, "header name must be an RFC 9110 token")
-        if name.lower() in FRAMING_HEADERS:
-            raise SpecError(field, f"{name} is set by libcurl, not by a job")
-        if _BAD_VALUE.search(value):
-            raise SpecError(field, "header value must not contain CR, LF or NUL")
-        if _NOT_FIELD_VALUE.search(value):
-            raise SpecError(field, "header value must be visible ASCII, spaces and tabs")
-        header_bytes += len(name) + len(value) + 4
-        headers.append((name, value))
-    if header_bytes > limits.max_header_bytes:
-        raise SpecError("headers", f"more than {limits.max_header_bytes} bytes in all")
-
-    body: bytes | None = None
-    if "body" in raw and "body_base64" in raw:
-        raise SpecError("body", "give body or body_base64, not both")
-    if raw.get("body") is not None:
-        if not isinstance(raw["body"], str):
-            raise SpecError("body", "must be a string (use body_base64 for bytes)")
-        body = raw["body"].encode("utf-8")
-    elif raw.get("body_base64") is not None:
-        if not isinstance(raw["body_base64"], str):
-            raise SpecError("body_base64", "must be a base64 string")
-        try:
-            body = base64.b64decode(raw["body_base64"], validate=True)
-        except (binascii.Error, ValueError):
-            raise SpecError("body_base64", "is not valid base64") from None
-    if body is not None:
-        if len(body) > limits.max_request_body_bytes:
-            raise SpecError(
-                "body" if "body" in raw else "body_base64",
-                f"is larger than {limits.max_request_body_bytes} bytes",
-            )
-        if method == "HEAD":
-            raise SpecError("body", "a HEAD request cannot have a body")
-
-    timeout = _number(raw, "timeout", 0, limits.max_timeout) or min(
-        limits.default_timeout, limits.max_timeout
-    )
-    connect_timeout = _number(raw, "connect_timeout", 0, limits.max_timeout) or min(
-        limits.default_connect_timeout, timeout
-    )
-
-    follow = raw.get("follow_redirects", True)
-    if not isinstance(follow, bool):
-        raise SpecError("follow_redirects", "must be true or false")
-    max_redirects = _integer(raw, "max_redirects", 0, limits.max_redirects)
-    if max_redirects is None:
-        max_redirects = min(limits.default_max_redirects, limits.max_redirects)
-    max_body = _integer(raw, "max_body_bytes", 1, limits.max_body_bytes)
-
-    http_version = raw.get("http_version")
-    if http_version is not None and http_version not in ("1.1", "2", "3"):
-        raise SpecError("http_version", 'must be "1.1", "2" or "3"')
-
-    priority = _integer(raw, "priority", -(2**31), 2**31 - 1) or 0
-
-    retry_raw = raw.get("retry")
-    default_attempts = 3 if method in IDEMPOTENT_METHODS else 1
-    retry = RetryPolicy(default_attempts, 1.0)
-    if retry_raw is not None:
-        if not isinstance(retry_raw, dict):
-            raise SpecError("retry", 'must be {"max_attempts": n, "backoff": seconds}')
-        for key in retry_raw:
-            if key not in ("max_attempts", "backoff"):
-                raise SpecError(f"retry.{key}", "unknown field")
-        try:
-            attempts = _integer(retry_raw, "max_attempts", 1, limits.max_attempts)
-        except SpecError as e:
-            raise e.within("retry") from None
-        backoff = retry_raw.get("backoff")
-        if backoff is not None and (
-            isinstance(backoff, bool)
-            or not isinstance(backoff, int | float)
-            or not 0 <= backoff <= limits.max_backoff
-        ):
-            raise SpecError("retry.backoff", f"must be a number from 0 to {limits.max_backoff:g}")
-        retry = RetryPolicy(
-            attempts if attempts is not None else default_attempts,
-            float(backoff) if backoff is not None else 1.0,
-        )
-
-    deadline = _number(raw, "deadline", 0, limits.max_deadline)
-
-    metadata = raw.get("metadata")
-    if metadata is not None:
-        if not isinstance(metadata, dict):
-            raise SpecError("metadata", "must be a JSON object")
-        if len(json.dumps(metadata, separators=(",", ":"))) > limits.max_metadata_bytes:
-            raise SpecError("metadata", f"is larger than {limits.max_metadata_bytes} bytes")
-
-    return JobSpec(
-        url=url,
-        method=method,
-        headers=tuple(headers),
-        body=body,
-        timeout=timeout,
-        connect_timeout=connect_timeout,
-        follow_redirects=follow,
-        max_redirects=max_redirects,
-        max_body_bytes=max_body if max_body is not None else limits.max_body_bytes,
-        http_version=http_version,
-        priority=priority,
-        retry=retry,
-        deadline=deadline,
-        metadata=metadata,
-    )
+    entry = _bound.get(id(limits))
+    if entry is None or entry[0] is not limits:
+        if len(_bound) > 16:
+            _bound.clear()
+        entry = _bound[id(limits)] = (limits, SPEC.bind(limits))
+    spec: dict[str, Any] = {}
+    entry[1](raw, spec, spec)
+    return JobSpec(**spec)
 
 
 def spec_from_stored(data: Mapping[str, Any], metadata: dict[str, Any] | None) -> JobSpec:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from curlfetch.jobs import JobSpec, Limits, SpecError
+from curlfetch.jobs import SPEC, JobSpec, Limits, SpecError
 
 LIMITS = Limits()
 
@@ -109,3 +109,25 @@ def test_tabs_and_empty_values_are_fine() -> None:
         {"url": "http://h/", "headers": [["X-A", "a\tb c"], ["X-B", ""]]}, LIMITS
     )
     assert spec.headers == (("X-A", "a\tb c"), ("X-B", ""))
+
+
+def test_the_schema_and_the_validator_are_one_declaration() -> None:
+    """``SPEC`` gives both: the JobSpec schema lists exactly the keys the validator takes,
+    with the bounds of the limits it validates with (a field the schema allows at its
+    bound is accepted; past it, refused, naming the field)."""
+    limits = Limits(max_timeout=50.0, max_redirects=3)
+    schema = SPEC.schema(limits)
+    assert set(schema["properties"]) == SPEC.names
+    assert schema["required"] == ["url"]
+    timeout = schema["properties"]["timeout"]
+    assert (timeout["exclusiveMinimum"], timeout["maximum"]) == (0, 50.0)
+    assert schema["properties"]["max_redirects"]["maximum"] == 3
+    assert JobSpec.from_json({"url": "http://h/", "timeout": 50}, limits).timeout == 50.0
+    for name, value in (("timeout", 50.5), ("max_redirects", 4), ("bogus", 1)):
+        with pytest.raises(SpecError) as info:
+            JobSpec.from_json({"url": "http://h/", name: value}, limits)
+        assert info.value.field == name
+    request = SPEC.view(limits)
+    assert set(JobSpec.from_json({"url": "http://h/"}, limits).to_json()) == set(
+        request["required"]
+    )

@@ -1,0 +1,573 @@
+"""The job routes: submit (one spec or a batch, optionally idempotent), list, get (with
+long-polls), cancel, and download a job's body.
+
+A submission is answered 201 only after the store has committed it. With tokens, the
+authenticated client is the only one whose jobs a request can see: another client's job
+is 404, exactly like a job that does not exist. Per-client quotas answer 429 with
+Retry-After. ``POST /v1/jobs`` takes an optional ``Idempotency-Key`` (IETF
+draft-ietf-httpapi-idempotency-key-header, Stripe's semantics): see ``submit``.
+
+The OpenAPI operations are declared here, next to their routes: they are about a third
+of this module's length, and keeping them elsewhere would make two places to change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+from typing import IO, TYPE_CHECKING, Any
+
+from twisted.internet.defer import gatherResults
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+
+from ..jobs import Job, JobSpec, JobState, SpecError, new_job_id
+from ..openapi import (
+    BAD_AUTH,
+    BAD_AUTH_RESPONSE,
+    INTERNAL,
+    NOT_FOUND,
+    RETRY_AFTER,
+    UNAUTHORIZED,
+    V1_ERRORS,
+    error_response,
+    json_content,
+    ref,
+)
+from ..store import (
+    IdempotencyInProgressError,
+    IdempotencyMismatchError,
+    IdempotencyRecord,
+    StoredResponse,
+)
+from .http import (
+    JSON_TYPE,
+    ApiError,
+    FileResource,
+    check_content_type,
+    check_length,
+    check_quotas,
+    dumps,
+    first_error,
+    json_response,
+    parse_json,
+    read_body,
+    send_stored,
+    shielded,
+)
+from .idempotency import IDEMPOTENCY_KEY, idempotency_key, key_refused, release, reserve
+from .routes import ApiResource, Param, route
+from .views import job_schemas, job_url, job_view
+from .waiters import JobWaiters
+
+if TYPE_CHECKING:
+    from . import JobAPI
+
+
+MAX_BATCH = 1000
+MAX_WAIT = 60.0
+DEFAULT_LIST_LIMIT = 100
+MAX_LIST_LIMIT = 1000
+_DIGITS = re.compile(r"[0-9]{1,9}")
+_SAFE_CONTENT_TYPE = re.compile(r"[\x20-\x7e]{1,256}\Z")
+
+
+_JOB_ERRORS = {**V1_ERRORS, "404": NOT_FOUND}
+"""What every route on one job may answer besides its own."""
+
+
+# -- parameters ---------------------------------------------------------------------------
+
+
+def _limit(raw: str) -> int:
+    if not _DIGITS.fullmatch(raw):
+        raise ValueError(raw)
+    limit = int(raw)
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        raise ValueError(raw)
+    return limit
+
+
+def _wait(raw: str) -> float:
+    wait = float(raw)
+    if not math.isfinite(wait) or wait < 0:
+        raise ValueError(raw)
+    return min(wait, MAX_WAIT)
+
+
+STATE = Param(
+    "state",
+    {"enum": [s.value for s in JobState]},
+    JobState,
+    f"state must be one of {[s.value for s in JobState]}",
+)
+LIMIT = Param(
+    "limit",
+    {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT, "default": DEFAULT_LIST_LIMIT},
+    _limit,
+    f"limit must be an integer from 1 to {MAX_LIST_LIMIT}",
+)
+CURSOR = Param(
+    "cursor",
+    {"type": "string"},
+    str,
+    "cursor is not a valid cursor",
+    pattern="[0-9A-Za-z_-]{1,128}",
+    description="`next_cursor` of the previous page (opaque).",
+)
+WAIT = Param(
+    "wait",
+    {"type": "number", "minimum": 0},
+    _wait,
+    "wait must be a number of seconds >= 0",
+    description=(
+        "Long-poll: answer once the job is terminal or after this "
+        f"many seconds (capped at {MAX_WAIT:g}), whichever is first."
+    ),
+)
+
+
+# -- operations ----------------------------------------------------------------------------
+
+
+def _submit_doc(api: JobAPI) -> dict[str, Any]:
+    return {
+        "operationId": "submitJobs",
+        "summary": "Submit one job, or a batch of jobs.",
+        "description": (
+            'Send one job spec, or `{"jobs": [spec, ...]}` with up to '
+            f"{api.max_batch} specs. All or nothing: if any spec is invalid, "
+            "nothing is accepted and the error's `field` names it "
+            "(`jobs[3].headers[2]`). The jobs are committed to the store "
+            "before the 201 is sent. `Location` points at the job (for a "
+            "batch: at its first job). Over the client's quota (queued jobs, "
+            "or jobs per second; a batch counts each job), 429 with "
+            "Retry-After and nothing accepted. When more jobs would wait "
+            "than the service allows, or while it shuts down, 503 with "
+            "Retry-After and nothing accepted.\n\n"
+            "Idempotency (optional): with an `Idempotency-Key`, a retry of "
+            "the same request (same client, key and body bytes) within "
+            "24 hours gets the first 201 again, byte for byte, with "
+            "`Idempotent-Replayed: true`, and creates no job. The same key "
+            "with another body is 422 `idempotency_key_reused`; a retry "
+            "while the first is still being accepted is 409 "
+            "`idempotency_key_in_progress` with Retry-After. A request that "
+            "is refused (4xx, 429, 503) does not use the key up. Keys are "
+            "per client."
+        ),
+        "parameters": [IDEMPOTENCY_KEY.doc()],
+        "requestBody": {
+            "required": True,
+            "content": json_content({"anyOf": [ref("JobSpec"), ref("Batch")]}),
+        },
+        "responses": {
+            "201": {
+                "description": (
+                    'Accepted: the job, or `{"jobs": [...]}` in submission '
+                    "order for a batch. A replay (`Idempotency-Key`) repeats "
+                    "the first 201 and adds `Idempotent-Replayed: true`."
+                ),
+                "headers": {
+                    "Location": {
+                        "description": "`/v1/jobs/{job_id}` (a batch: the first).",
+                        "schema": {"type": "string"},
+                    }
+                },
+                "content": json_content({"oneOf": [ref("Job"), ref("JobBatch")]}),
+            },
+            "400": error_response(
+                f"Malformed JSON, an invalid spec or an invalid `Idempotency-Key`. {BAD_AUTH}."
+            ),
+            "401": UNAUTHORIZED,
+            "409": error_response(
+                "A request with this `Idempotency-Key` is still being accepted "
+                "(`idempotency_key_in_progress`); retry for its response.",
+                **{"Retry-After": RETRY_AFTER},
+            ),
+            "413": error_response(
+                f"The body exceeds {api.max_request_bytes} bytes, or the batch "
+                f"has more than {api.max_batch} jobs (`too_many_jobs`)."
+            ),
+            "415": error_response("Content-Type is not application/json."),
+            "422": error_response(
+                "This `Idempotency-Key` was used with another request body "
+                "(`idempotency_key_reused`)."
+            ),
+            "429": error_response(
+                "Over the client's quota: too many of its jobs queued "
+                "(`quota_exceeded`) or submitted too fast (`rate_limited`); "
+                "nothing accepted.",
+                **{"Retry-After": RETRY_AFTER},
+            ),
+            "500": INTERNAL,
+            "503": error_response(
+                "Too many jobs waiting (`queue_full`), shutting down "
+                "(`draining`) or the store is unavailable; nothing accepted.",
+                **{"Retry-After": RETRY_AFTER},
+            ),
+        },
+    }
+
+
+def _list_doc(api: JobAPI) -> dict[str, Any]:
+    return {
+        "operationId": "listJobs",
+        "summary": "List jobs, newest first, a page at a time.",
+        "parameters": [STATE.doc(), LIMIT.doc(), CURSOR.doc()],
+        "responses": {
+            "200": {
+                "description": "A page of jobs.",
+                "content": json_content(ref("JobList")),
+            },
+            "400": error_response(f"A bad state, limit or cursor. {BAD_AUTH}."),
+            **V1_ERRORS,
+        },
+    }
+
+
+def _get_doc(api: JobAPI) -> dict[str, Any]:
+    return {
+        "operationId": "getJob",
+        "summary": "A job; optionally wait until it is finished.",
+        "parameters": [WAIT.doc()],
+        "responses": {
+            "200": {"description": "The job.", "content": json_content(ref("Job"))},
+            "400": error_response(f"`wait` is not a number >= 0. {BAD_AUTH}."),
+            **_JOB_ERRORS,
+        },
+    }
+
+
+def _cancel_doc(api: JobAPI) -> dict[str, Any]:
+    return {
+        "operationId": "cancelJob",
+        "summary": "Cancel a queued or running job (a transfer stops at once).",
+        "responses": {
+            "200": {
+                "description": "The job, now cancelled.",
+                "content": json_content(ref("Job")),
+            },
+            "400": BAD_AUTH_RESPONSE,
+            **_JOB_ERRORS,
+            "409": error_response("The job had already finished."),
+        },
+    }
+
+
+def _body_doc(api: JobAPI) -> dict[str, Any]:
+    return {
+        "operationId": "getJobBody",
+        "summary": "The response body, as stored.",
+        "description": (
+            "The bytes with the original Content-Type (or "
+            "application/octet-stream); `ETag` is the quoted sha256."
+        ),
+        "responses": {
+            "200": {
+                "description": "The body.",
+                "headers": {
+                    "ETag": {
+                        "description": "The body's sha256, quoted.",
+                        "schema": {"type": "string"},
+                    }
+                },
+                "content": {"*/*": {"schema": {}}},
+            },
+            "304": {"description": "Not modified (If-None-Match matched)."},
+            "400": BAD_AUTH_RESPONSE,
+            **_JOB_ERRORS,
+        },
+    }
+
+
+def _schemas(api: JobAPI) -> dict[str, Any]:
+    return job_schemas(api.max_batch, api.limits)
+
+
+# -- the resource --------------------------------------------------------------------------
+
+
+class JobsResource(ApiResource):
+    """``/v1/jobs``: the jobs of the authenticated client, and their long-poll waiters."""
+
+    schemas = staticmethod(_schemas)
+
+    def __init__(self, api: JobAPI) -> None:
+        super().__init__(api)
+        self.waiters = JobWaiters(api.reactor)
+        self._adding = 0  # jobs accepted but not yet committed: backpressure counts them
+        self._adding_by: dict[str, int] = {}  # the same per client, for its quota
+        api.metrics.subscribe(self.waiters)
+
+    def start_draining(self) -> None:
+        """Answer long-polls at once."""
+        self.waiters.release_all()
+
+    @route("/v1/jobs", "POST", _submit_doc)
+    async def submit(self, request: IRequest) -> bytes:
+        """One spec, or ``{"jobs": [...]}``; all accepted or none.
+
+        With an ``Idempotency-Key``, only a request that passed validation reserves the
+        key (scoped to the client); the same key and body then replay the 201 as first
+        sent, another body is 422, and a repeat while the first is still being accepted
+        is 409. A refusal (429, 503, an error) releases the key: only a 201 is recorded,
+        in the transaction that stores its jobs. The fingerprint is the sha256 of the
+        raw body: a client's retry sends the same bytes (the Content-Type must be JSON
+        anyway, and its parameters do not change the meaning)."""
+        client = self.api.client(request)
+        if self.api.draining:
+            raise ApiError(
+                503,
+                "draining",
+                "the service is shutting down; submit to another instance or retry",
+                headers={"Retry-After": str(self.api.retry_after)},
+            )
+        key = idempotency_key(request)
+        check_length(request, self.api.max_request_bytes)
+        check_content_type(request)
+        data = read_body(request, self.api.max_request_bytes)
+        payload = parse_json(data)
+        specs, batch = self._parse_submission(payload)
+        if key is None:
+            return await self._accept(request, client, specs, batch, None)
+        fingerprint = hashlib.sha256(data).hexdigest()
+        try:
+            stored = await reserve(self.api.store, self.api.reactor, client, key, fingerprint)
+            if stored is not None:
+                return send_stored(request, stored, replayed=True)
+            try:
+                return await self._accept(request, client, specs, batch, key)
+            except BaseException:
+                # Queued after the add: a no-op if it committed (the key is recorded).
+                release(self.api.store, client, key)
+                raise
+        except (IdempotencyMismatchError, IdempotencyInProgressError) as e:
+            raise key_refused(e) from None
+
+    async def _accept(
+        self, request: IRequest, client: str, specs: list[JobSpec], batch: bool, key: str | None
+    ) -> bytes:
+        """Quotas and backpressure, then store the jobs (and the key's response) and
+        answer 201."""
+        count = len(specs)
+        self._check_quotas(client, count)
+        waiting = self.api.store.queued() + self._adding
+        if waiting + count > self.api.max_queued:
+            raise ApiError(
+                503,
+                "queue_full",
+                f"{waiting} jobs are waiting and at most {self.api.max_queued} may; "
+                f"retry later (nothing was accepted)",
+                headers={"Retry-After": str(self.api.retry_after)},
+            )
+        now = self.api.reactor.seconds()
+        # A batch shares a millisecond: sorted ids keep submission order in listings.
+        ids = sorted(new_job_id(now) for _ in specs)
+        jobs = [
+            Job(id=job_id, client=client, state=JobState.QUEUED, spec=spec, created_at=now)
+            for job_id, spec in zip(ids, specs, strict=True)
+        ]
+        self.api.rates.take(client, count)
+        views = [job_view(job) for job in jobs]
+        response = StoredResponse(
+            201,
+            (("Content-Type", JSON_TYPE), ("Location", job_url(jobs[0].id))),
+            dumps({"jobs": views} if batch else views[0]),
+        )
+        record = None if key is None else IdempotencyRecord(client, key, response)
+        await self._add(client, jobs, record)
+        return send_stored(request, response, replayed=False)
+
+    @route("/v1/jobs", "GET", _list_doc)
+    async def list_jobs(self, request: IRequest) -> bytes:
+        """Newest first; ``next_cursor`` continues after the last job of this page."""
+        client = self.api.client(request)
+        state = STATE.get(request)
+        limit = LIMIT.get(request) or DEFAULT_LIST_LIMIT
+        cursor = CURSOR.get(request)
+        jobs = await self.api.store.list_jobs(client, state, limit + 1, cursor)
+        next_cursor = jobs[limit - 1].id if len(jobs) > limit else None
+        return json_response(
+            request, {"jobs": [job_view(j) for j in jobs[:limit]], "next_cursor": next_cursor}
+        )
+
+    @route("/v1/jobs/<job_id>", "GET", _get_doc)
+    async def get_job(self, request: IRequest, job_id: str) -> bytes:
+        """The job; with ``?wait=N``, once it is terminal or N seconds have passed."""
+        client = self.api.client(request)
+        wait = WAIT.get(request) or 0.0
+        if wait <= 0 or self.api.draining:
+            return json_response(request, job_view(await self._get(client, job_id)))
+        self.waiters.watch(job_id)
+        try:
+            job = await self._wait_terminal(client, job_id, wait)
+        finally:
+            self.waiters.unwatch(job_id)
+        return json_response(request, job_view(job))
+
+    @route("/v1/jobs/<job_id>", "DELETE", _cancel_doc)
+    async def cancel_job(self, request: IRequest, job_id: str) -> bytes:
+        """Queued or running → cancelled (a running transfer is aborted at once)."""
+        client = self.api.client(request)
+        # Both in one store batch, in order: the cancel sees exactly what the get saw.
+        before_d = self.api.store.get(client, job_id)
+        after_d = self.api.store.cancel(client, job_id, self.api.reactor.seconds())
+
+        def settle(results: list[Job | None]) -> tuple[Job | None, Job | None]:
+            # Runs even if the client has hung up: a cancelled job's transfer must stop.
+            before, after = results
+            if (
+                before is not None
+                and after is not None
+                and not before.state.terminal
+                and after.state is JobState.CANCELLED
+            ):
+                self.api.scheduler.abort(job_id)
+                self.waiters.notify(job_id)
+            return before, after
+
+        both = gatherResults([before_d, after_d], consumeErrors=True)
+        before, after = await shielded(both.addCallbacks(settle, first_error))
+        if before is None or after is None:
+            raise _not_found(job_id)
+        if before.state.terminal or after.state is not JobState.CANCELLED:
+            raise ApiError(409, "conflict", f"job {job_id} is already {after.state.value}")
+        return json_response(request, job_view(after))
+
+    @route("/v1/jobs/<job_id>/body", "GET", _body_doc)
+    async def get_body(self, request: IRequest, job_id: str) -> bytes | IResource:
+        """The stored bytes with the original Content-Type; ETag is the sha256."""
+        job = await self._get(self.api.client(request), job_id)
+        info = job.result.body if job.result is not None else None
+        if info is None:
+            raise ApiError(404, "not_found", f"job {job_id} has no body (yet)")
+        try:
+            # A local open is quick; reading the file is left to FileResource.
+            file = open(self.api.bodies.path(job.id), "rb")  # noqa: SIM115, ASYNC230
+        except FileNotFoundError:
+            raise ApiError(404, "not_found", f"the body of job {job_id} is gone") from None
+        content_type = info.content_type or "application/octet-stream"
+        if not _SAFE_CONTENT_TYPE.match(content_type):
+            content_type = "application/octet-stream"
+        request.setHeader(b"Content-Type", content_type.encode("ascii"))
+        # Fetched content is untrusted: never sniff it, never run it in our origin.
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        request.setHeader(b"Content-Security-Policy", b"sandbox")
+        if request.setETag(f'"{info.sha256}"'.encode("ascii")) is http.CACHED:
+            file.close()
+            return b""
+        size = _file_size(file)
+        return FileResource(file, size)
+
+    # -- service ---------------------------------------------------------------------------
+
+    def _check_quotas(self, client: str, count: int) -> None:
+        """429 if ``count`` more jobs would pass the client's queued quota or rate."""
+        api = self.api
+        waiting = 0
+        if api.quotas.max_queued > 0:
+            waiting = api.store.queued_for(client) + self._adding_by.get(client, 0)
+        check_quotas(
+            api.quotas,
+            api.rates,
+            client,
+            waiting=waiting,
+            count=count,
+            retry_after_seconds=api.retry_after,
+        )
+
+    async def _get(self, client: str, job_id: str) -> Job:
+        job = await self.api.store.get(client, job_id)
+        if job is None:
+            raise _not_found(job_id)
+        return job
+
+    async def _add(
+        self, client: str, jobs: list[Job], record: IdempotencyRecord | None = None
+    ) -> None:
+        """Commit ``jobs`` (and ``record``), then wake the scheduler. A client that hangs
+        up meanwhile does not undo (or lose track of) the commit: the add is shielded."""
+        count = len(jobs)
+        self._adding += count
+        self._adding_by[client] = self._adding_by.get(client, 0) + count
+
+        def done() -> None:
+            self._adding -= count
+            left = self._adding_by.get(client, 0) - count
+            if left > 0:
+                self._adding_by[client] = left
+            else:
+                self._adding_by.pop(client, None)
+
+        def committed(_: None) -> None:
+            done()
+            self.api.metrics.jobs_submitted(count)
+            self.api.scheduler.wake()
+
+        def failed(failure: Failure) -> Failure:
+            done()
+            return failure
+
+        await shielded(self.api.store.add(jobs, record).addCallbacks(committed, failed))
+
+    async def _wait_terminal(self, client: str, job_id: str, seconds: float) -> Job:
+        deadline = self.api.reactor.seconds() + seconds
+        seen = self.waiters.version(job_id)
+        job = await self._get(client, job_id)
+        while not job.state.terminal and not self.api.draining:
+            remaining = deadline - self.api.reactor.seconds()
+            if remaining <= 0:
+                break
+            await self.waiters.wait(job_id, min(remaining, self.api.poll_interval), seen)
+            seen = self.waiters.version(job_id)
+            latest = await self.api.store.get(client, job_id)
+            if latest is None:  # purged meanwhile: show what we last saw
+                break
+            job = latest
+        return job
+
+    def _parse_submission(self, payload: object) -> tuple[list[JobSpec], bool]:
+        """(specs, is_batch); SpecError becomes 400 naming the field (``jobs[3].url``)."""
+        if isinstance(payload, dict) and "jobs" in payload:
+            for key in payload:
+                if key != "jobs":
+                    raise ApiError(400, "invalid_request", "unknown field", field=str(key))
+            items = payload["jobs"]
+            if not isinstance(items, list) or not items:
+                raise ApiError(
+                    400, "invalid_request", "must be a non-empty list of job specs", field="jobs"
+                )
+            if len(items) > self.api.max_batch:
+                raise ApiError(
+                    413,
+                    "too_many_jobs",
+                    f"{len(items)} jobs in one request; at most {self.api.max_batch}",
+                    field="jobs",
+                )
+            specs = []
+            for i, raw in enumerate(items):
+                try:
+                    specs.append(JobSpec.from_json(raw, self.api.limits))
+                except SpecError as e:
+                    raise _spec_error(e.within(f"jobs[{i}]")) from None
+            return specs, True
+        try:
+            return [JobSpec.from_json(payload, self.api.limits)], False
+        except SpecError as e:
+            raise _spec_error(e) from None
+
+
+def _spec_error(e: SpecError) -> ApiError:
+    return ApiError(400, "invalid_request", e.message, field=e.field or None)
+
+
+def _not_found(job_id: str) -> ApiError:
+    return ApiError(404, "not_found", f"no job {job_id}")
+
+
+def _file_size(file: IO[bytes]) -> int:
+    return os.fstat(file.fileno()).st_size
