@@ -11,6 +11,11 @@ is saved as succeeded, and the job keeps its slot until then: the store never ha
 than ``max_concurrency`` jobs running. Claims that must rank the queue per host or per
 client are grouped (``claim_min_free``, ``claim_delay``); when no cap can bind, the
 plain claim is used.
+
+One module, past 600 lines, on purpose: it is one state machine (claim, admit, wait for
+the host, run, settle, commit the body, save, self-check), and every step reads and
+changes the same per-host and per-job state; split up, a job's life would be spread over
+files that each need the others' invariants.
 """
 
 from __future__ import annotations

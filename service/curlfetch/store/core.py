@@ -40,6 +40,10 @@ The ``JobStore`` methods below use the portable SQL (``PortableSQL``, one placeh
 style per backend) and a few hooks for what differs: inserting and saving jobs (SQLite
 ``executemany``, PostgreSQL ``unnest``), claiming (rooms, leases, locks), and what a
 cancel tells another instance.
+
+A little over 600 lines, on purpose: the queue, the batch's fate and the ``JobStore``
+methods are written once here so that neither backend repeats them; the claim helpers
+are in ``claims``, the row codec in ``rows``, the shared SQL in ``portable``.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ from . import (
     StoredResponse,
     StoreUnavailableError,
 )
+from .claims import Caps
 from .portable import Connection, PortableSQL
 from .rows import QueuedCounts, dumps, job_from_row, judge_key
 
@@ -145,64 +150,6 @@ def run_with_savepoints(
     return outcomes
 
 
-@attrs.frozen
-class Caps:
-    """A capped claim's rooms as the caller gave them; ``skip_hosts`` have none."""
-
-    limit: int
-    per_host: int | None
-    host_room: dict[str, int]
-    per_client: int | None
-    client_room: dict[str, int]
-    """Empty unless ``per_client`` is given."""
-
-
-class Picker:
-    """The greedy pick of a capped claim, in claim order: a job is taken unless its host
-    or its client has no room left, until ``limit`` are taken. Never exceeds a room, and a
-    host or client without room does not hold back the others' jobs."""
-
-    __slots__ = ("client_default", "client_left", "host_default", "host_left", "limit", "picked")
-
-    def __init__(
-        self,
-        limit: int,
-        host_left: dict[str, int],
-        host_default: int,
-        client_left: dict[str, int],
-        client_default: int | None,
-    ) -> None:
-        self.limit = limit
-        self.host_left = host_left
-        self.host_default = host_default
-        self.client_left = client_left
-        self.client_default = client_default
-        """None: clients are not capped."""
-        self.picked: list[int] = []
-
-    def offer(self, seq: int, host: str, client: str) -> bool:
-        """Take the job if its host and client have room; False if not."""
-        hleft = self.host_left.get(host, self.host_default)
-        cleft = self.client_left.get(client, self.client_default)
-        if hleft <= 0 or (cleft is not None and cleft <= 0):
-            return False
-        self.picked.append(seq)
-        self.host_left[host] = hleft - 1
-        if cleft is not None:
-            self.client_left[client] = cleft - 1
-        return True
-
-    @property
-    def done(self) -> bool:
-        return len(self.picked) >= self.limit
-
-    def full_hosts(self) -> list[str]:
-        return [h for h, n in self.host_left.items() if n <= 0]
-
-    def full_clients(self) -> list[str]:
-        return [c for c, n in self.client_left.items() if n <= 0]
-
-
 class Clock(Protocol):
     def callLater(
         self, delay: float, callable: Callable[..., Any], *args: object, **kwargs: object
@@ -282,6 +229,9 @@ class StoreCore(abc.ABC):
     def _owned_running(self) -> tuple[str, tuple[object, ...]]:
         """The query (and its parameters) of the ``(id, client)`` of every job this
         store holds as ``running``: all of them on SQLite, this instance's on PostgreSQL."""
+
+    def _submitted(self) -> None:  # noqa: B027 - an optional hook
+        """An operation was queued (PostgreSQL orders its reads after it)."""
 
     def _settled(self, count: int) -> None:  # noqa: B027 - an optional hook
         """A batch of ``count`` operations has committed or failed."""
@@ -382,6 +332,7 @@ class StoreCore(abc.ABC):
         """An operation for the next batch."""
         if not self._opened or self._closing:
             return self._closed()
+        self._submitted()
         d: Deferred[Any] = Deferred()
         self._pending.append(Op(work, d, write, lock, recount, retry))
         self._schedule()

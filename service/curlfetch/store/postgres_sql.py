@@ -15,7 +15,8 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import TupleRow
 
-from .core import Caps, Op, Outcome, Picker, resolve, run_with_savepoints
+from .claims import Caps, Picker
+from .core import Op, Outcome, resolve, run_with_savepoints
 from .portable import PortableSQL, Types, idempotency_keys_table, jobs_table
 from .rows import COLUMNS, dumps
 

@@ -41,14 +41,13 @@ from twisted.python.failure import Failure
 
 from ..jobs import Job, JobState
 from . import StoreUnavailableError
+from .claims import Caps, Picker
 from .core import (
     NONE,
-    Caps,
     Clock,
     Delta,
     Op,
     Outcome,
-    Picker,
     StoreCore,
     Work,
     run_with_savepoints,
