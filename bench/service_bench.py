@@ -444,10 +444,10 @@ def _area(file: str, func: str) -> str | None:
         return "SQLite statements (store closures, in the pool thread)"
     if file in _STORE:
         return "store queue, reactor side (store/core.py _submit/_flush/_flushed)"
-    if file == "service/curlfetch/jobs.py":
-        return "job specs: validation, JobSpec.host (service/curlfetch/jobs.py)"
-    if file == "service/curlfetch/api.py":
-        return "API routes and job views (service/curlfetch/api.py)"
+    if file in ("service/curlfetch/jobs.py", "service/curlfetch/fields.py"):
+        return "job specs: validation, JobSpec.host (service/curlfetch/jobs.py, fields.py)"
+    if file.startswith("service/curlfetch/api/"):
+        return "API routes and job views (service/curlfetch/api/)"
     if file == "service/curlfetch/scheduler.py":
         return "scheduler (service/curlfetch/scheduler.py)"
     if file.startswith("service/curlfetch/engine/"):
