@@ -18,7 +18,7 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .services import CurlfetchService
+from .services import CurlfetchService, StartupAbandonedError
 
 log = Logger()
 
@@ -95,9 +95,21 @@ def exit_now(status: int) -> None:
     os._exit(status)
 
 
+def exit_now_if_start_up_abandoned(root: CurlfetchService) -> None:
+    """After a stop that gave up a start-up still in progress (``StartupAbandonedError``: a
+    store open stuck in a connect in one of its threads), exit 0 at once: the interpreter
+    would otherwise wait for that thread, which a stop cannot interrupt, before exiting.
+    Nothing is lost: whatever it was doing is rolled back by the database."""
+    if root.startup_abandoned:
+        exit_now(0)
+
+
 def exit_1_after_shutdown(failure: Failure, reactor: Any) -> None:
     """Start-up failed (already logged): stop, let the stop sequence close what opened,
-    then exit with 1, which twistd cannot do by itself (it exits 0 after a stop)."""
+    then exit with 1, which twistd cannot do by itself (it exits 0 after a stop). Not
+    for a start-up a stop gave up (``StartupAbandonedError``): that stop is under way."""
+    if failure.check(StartupAbandonedError):
+        return
 
     reactor.addSystemEventTrigger("after", "shutdown", exit_now, 1)
 

@@ -25,6 +25,7 @@ from .options import Config, Options
 from .process import (
     exit_0_if_clean,
     exit_1_after_shutdown,
+    exit_now_if_start_up_abandoned,
     ready,
     second_signal_forces_stop,
     tune_gc,
@@ -161,5 +162,6 @@ def makeService(options: Options) -> CurlfetchService:
         errbackArgs=(reactor,),
     )
     reactor.addSystemEventTrigger("after", "shutdown", exit_0_if_clean, root, reactor)
+    reactor.addSystemEventTrigger("after", "shutdown", exit_now_if_start_up_abandoned, root)
     second_signal_forces_stop(root, reactor)
     return root
