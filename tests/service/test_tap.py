@@ -367,6 +367,41 @@ async def test_start_up_failure_is_reported_and_stop_closes_what_opened(
         await taken.stopListening()
 
 
+@pytest_twisted.ensureDeferred
+async def test_stop_gives_up_a_start_up_that_hangs() -> None:
+    """A child that never finishes starting (a database that never answers) holds a
+    stop for STARTUP_WAIT_ON_STOP only: then start-up is abandoned (when_started fails
+    with StartupAbandonedError), the children that started are stopped, the ones after
+    never start, and the hung child is stopped if its start ever finishes."""
+    from types import SimpleNamespace
+
+    from twisted.internet.defer import Deferred
+
+    from curlfetch.services import LifecycleService, StartupAbandonedError
+
+    api: Any = SimpleNamespace(start_draining=lambda: None)
+    scheduler: Any = SimpleNamespace(running=False)
+    root = CurlfetchService(reactor(), api=api, scheduler=scheduler, drain_timeout=0)
+    hang: Deferred[None] = Deferred()
+    events: list[str] = []
+    for child in (
+        LifecycleService("first", lambda: events.append("first"), lambda: events.append("-first")),
+        LifecycleService("hung", lambda: hang, lambda: events.append("-hung")),
+        LifecycleService("last", lambda: events.append("last")),
+    ):
+        child.setServiceParent(root)
+    root.startService()
+    began = reactor().seconds()
+    await within(root.stopService())
+    assert root.startup_abandoned
+    assert reactor().seconds() - began < 3
+    with pytest.raises(StartupAbandonedError):
+        await within(root.when_started())
+    hang.callback(None)
+    assert events == ["first", "-first", "-hung"]
+    assert not root.stopped_cleanly
+
+
 class _NoFactory:
     """Enough of a factory to hold a port."""
 
