@@ -86,6 +86,30 @@ def second_signal_forces_stop(root: CurlfetchService, reactor: Any) -> None:
     reactor.addSystemEventTrigger("before", "shutdown", arm)
 
 
+def stop_on_early_signal(reactor: Any) -> None:
+    """SIGTERM or SIGINT before the reactor runs (twistd installs its handlers only in
+    ``reactor.run()``, after it logs "reactor class:"): without a handler of ours the
+    process would die of the signal there and then. This one asks the reactor to stop as
+    soon as it runs, which stops what started, as for a signal a moment later (exit 0).
+    ``reactor.run()`` replaces it with twistd's own."""
+
+    if getattr(reactor, "running", False):
+        return  # its handlers are in place already (or not ours to replace: tests)
+
+    def on_signal(signum: int, frame: object) -> None:
+        reactor.callFromThread(_stop_if_running, reactor)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(ValueError):  # not the main thread (tests)
+            signal.signal(signum, on_signal)
+
+
+def _stop_if_running(reactor: Any) -> None:
+    log.info("stop requested during start-up")
+    with contextlib.suppress(ReactorNotRunning):
+        reactor.stop()
+
+
 def exit_now(status: int) -> None:
     """Flush what was logged, then exit at once: no more waiting on anything."""
     for stream in (sys.__stdout__, sys.__stderr__):

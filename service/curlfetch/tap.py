@@ -28,6 +28,7 @@ from .process import (
     exit_now_if_start_up_abandoned,
     ready,
     second_signal_forces_stop,
+    stop_on_early_signal,
     tune_gc,
 )
 from .scheduler import Scheduler, SchedulerConfig
@@ -164,4 +165,5 @@ def makeService(options: Options) -> CurlfetchService:
     reactor.addSystemEventTrigger("after", "shutdown", exit_0_if_clean, root, reactor)
     reactor.addSystemEventTrigger("after", "shutdown", exit_now_if_start_up_abandoned, root)
     second_signal_forces_stop(root, reactor)
+    stop_on_early_signal(reactor)
     return root
