@@ -82,7 +82,7 @@ ERROR_SCHEMA: dict[str, Any] = {
                         "idempotency_key_in_progress (409), "
                         "payload_too_large and too_many_jobs (413), "
                         "unsupported_media_type (415), idempotency_key_reused "
-                        "(422), quota_exceeded and "
+                        "(422), body_lost (410), quota_exceeded and "
                         "rate_limited (429), queue_full, draining and "
                         "store_unavailable (503), internal_error (500, a bug)."
                     ),

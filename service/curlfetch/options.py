@@ -221,6 +221,12 @@ class Config:
     instance_id: str = ""
     """Names this process's job leases in PostgreSQL; empty: ``host-pid-random``."""
     lease: float = DEFAULT_LEASE
+    idle_timeout: float = 10.0
+    """Seconds a connection with no request in progress stays open."""
+    header_timeout: float = 10.0
+    """Seconds a request's head may take to arrive (its body: longer, by its size)."""
+    max_connections: int = 0
+    """Open API connections at most; 0: the file descriptor limit less a reserve."""
 
     @property
     def quotas(self) -> ClientQuotas:
@@ -262,6 +268,9 @@ _CONVERTERS: dict[str, Callable[[str], object]] = {
     "database": _database,
     "instance-id": _instance_id,
     "lease": _positive_duration,
+    "idle-timeout": _positive_duration,
+    "header-timeout": _positive_duration,
+    "max-connections": _quota,
 }
 
 _EGRESS_LISTS: dict[str, tuple[str, Callable[[str], object]]] = {
@@ -389,6 +398,28 @@ class Options(usage.Options):
             "30s",
             "With --database: how long a job claimed by an instance that stopped "
             "heartbeating waits before another instance runs it again (duration).",
+        ],
+        [
+            "idle-timeout",
+            None,
+            "10s",
+            "How long an API connection with no request in progress (before its first, "
+            "between keep-alive requests) stays open (duration).",
+        ],
+        [
+            "header-timeout",
+            None,
+            "10s",
+            "How long a request's head may take to arrive, however slowly it trickles "
+            "(its body gets that plus 1s per 64 KiB); then 408 and the connection "
+            "closes (duration).",
+        ],
+        [
+            "max-connections",
+            None,
+            "0",
+            "Open API connections at most; beyond, new ones are closed at once "
+            "(0: the open-files limit less one per --max-concurrency and 256).",
         ],
     ]
     optFlags: ClassVar[list[list[Any]]] = [

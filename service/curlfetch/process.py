@@ -18,7 +18,7 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .services import CurlfetchService
+from .services import CurlfetchService, StartupAbandonedError
 
 log = Logger()
 
@@ -86,6 +86,30 @@ def second_signal_forces_stop(root: CurlfetchService, reactor: Any) -> None:
     reactor.addSystemEventTrigger("before", "shutdown", arm)
 
 
+def stop_on_early_signal(reactor: Any) -> None:
+    """SIGTERM or SIGINT before the reactor runs (twistd installs its handlers only in
+    ``reactor.run()``, after it logs "reactor class:"): without a handler of ours the
+    process would die of the signal there and then. This one asks the reactor to stop as
+    soon as it runs, which stops what started, as for a signal a moment later (exit 0).
+    ``reactor.run()`` replaces it with twistd's own."""
+
+    if getattr(reactor, "running", False):
+        return  # its handlers are in place already (or not ours to replace: tests)
+
+    def on_signal(signum: int, frame: object) -> None:
+        reactor.callFromThread(_stop_if_running, reactor)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(ValueError):  # not the main thread (tests)
+            signal.signal(signum, on_signal)
+
+
+def _stop_if_running(reactor: Any) -> None:
+    log.info("stop requested during start-up")
+    with contextlib.suppress(ReactorNotRunning):
+        reactor.stop()
+
+
 def exit_now(status: int) -> None:
     """Flush what was logged, then exit at once: no more waiting on anything."""
     for stream in (sys.__stdout__, sys.__stderr__):
@@ -95,9 +119,21 @@ def exit_now(status: int) -> None:
     os._exit(status)
 
 
+def exit_now_if_start_up_abandoned(root: CurlfetchService) -> None:
+    """After a stop that gave up a start-up still in progress (``StartupAbandonedError``: a
+    store open stuck in a connect in one of its threads), exit 0 at once: the interpreter
+    would otherwise wait for that thread, which a stop cannot interrupt, before exiting.
+    Nothing is lost: whatever it was doing is rolled back by the database."""
+    if root.startup_abandoned:
+        exit_now(0)
+
+
 def exit_1_after_shutdown(failure: Failure, reactor: Any) -> None:
     """Start-up failed (already logged): stop, let the stop sequence close what opened,
-    then exit with 1, which twistd cannot do by itself (it exits 0 after a stop)."""
+    then exit with 1, which twistd cannot do by itself (it exits 0 after a stop). Not
+    for a start-up a stop gave up (``StartupAbandonedError``): that stop is under way."""
+    if failure.check(StartupAbandonedError):
+        return
 
     reactor.addSystemEventTrigger("after", "shutdown", exit_now, 1)
 

@@ -133,6 +133,17 @@ OPERATIONAL_ERRORS: tuple[type[BaseException], ...] = (
 """What fails start-up without being a bug: said in one line (``_start_children``)."""
 
 
+class StartupAbandonedError(Exception):
+    """A stop arrived while a child was still starting and it did not finish within
+    ``STARTUP_WAIT_ON_STOP``: start-up was given up (``CurlfetchService``)."""
+
+
+STARTUP_WAIT_ON_STOP = 1.0
+"""Seconds a stop waits for a start-up still in progress (a store opening) before it
+gives that start-up up: a database that accepts connections and never answers would
+otherwise hold SIGTERM for the whole connect timeout."""
+
+
 class CurlfetchService(MultiService):
     """The root: starts its children in order, each once the previous one is up; on stop,
     drains, then stops the children that started, in reverse order, one at a time."""
@@ -151,6 +162,11 @@ class CurlfetchService(MultiService):
         self._starting: Deferred[None] | None = None
         self._startup_failure: Failure | None = None
         self._start_waiters: list[Deferred[None]] = []
+        self._starting_child: Service | None = None
+        self.startup_abandoned = False
+        """True once a stop gave up waiting for start-up (``STARTUP_WAIT_ON_STOP``): what
+        was still starting is stopped if it ever finishes; the process may exit without
+        waiting for it (``curlfetch.process``)."""
 
     def privilegedStartService(self) -> None:
         # Not passed on: the HTTP child would bind here, before the store is open.
@@ -165,9 +181,18 @@ class CurlfetchService(MultiService):
             for child in self:
                 if not self.running:
                     return  # stopped while starting
+                self._starting_child = child
                 await maybeDeferred(child.startService)
+                self._starting_child = None
+                if self.startup_abandoned:
+                    # The stop went on without it: undo what finished too late.
+                    await maybeDeferred(child.stopService)
+                    return
                 self._started.append(child)
         except Exception as e:
+            self._starting_child = None
+            if self.startup_abandoned:
+                return  # given up already, and said so
             self._startup_failure = Failure()
             if isinstance(e, OPERATIONAL_ERRORS):
                 log.critical("curlfetch could not start: {why}", why=_reason(e))
@@ -187,7 +212,7 @@ class CurlfetchService(MultiService):
     def when_started(self) -> Deferred[None]:
         """Fires once every child is up; fails with what stopped start-up."""
         waiter: Deferred[None] = Deferred()
-        if self._starting is not None and self._starting.called:
+        if self.startup_abandoned or (self._starting is not None and self._starting.called):
             self._fire_started(waiter)
         else:
             self._start_waiters.append(waiter)
@@ -198,8 +223,27 @@ class CurlfetchService(MultiService):
         return Deferred.fromCoroutine(self._stop_children())
 
     async def _stop_children(self) -> None:
-        if self._starting is not None:
-            await self._starting
+        starting = self._starting
+        if starting is not None and not starting.called:
+            # Waited for, but not for ever: a child may hang (a database that never
+            # answers) for longer than any stop should take.
+            waited: Deferred[None] = Deferred()
+
+            def done() -> None:
+                if not waited.called:
+                    waited.callback(None)
+
+            def relay(result: None) -> None:
+                done()
+                return result
+
+            starting.addBoth(relay)
+            timer = self._reactor.callLater(STARTUP_WAIT_ON_STOP, done)
+            await waited
+            if timer.active():
+                timer.cancel()
+            if not starting.called:
+                self._abandon_startup()
         clean = self._startup_failure is None
         try:
             await self.drain()
@@ -215,6 +259,24 @@ class CurlfetchService(MultiService):
         self._started.clear()
         self.stopped_cleanly = clean
         log.info("curlfetch stopped")
+
+    def _abandon_startup(self) -> None:
+        """Give start-up up: the stop goes on with the children that started; the one
+        still starting is stopped if it ever finishes; ``when_started`` fails with
+        ``StartupAbandonedError``. One log line."""
+        self.startup_abandoned = True
+        child = self._starting_child
+        name = child.name if child is not None else "start-up"
+        log.warn(
+            "stop requested during start-up: not waiting for {child} any longer "
+            "(still starting after {seconds:g}s)",
+            child=name,
+            seconds=STARTUP_WAIT_ON_STOP,
+        )
+        self._startup_failure = Failure(StartupAbandonedError(f"{name} was still starting"))
+        waiters, self._start_waiters = self._start_waiters, []
+        for waiter in waiters:
+            self._fire_started(waiter)
 
     async def drain(self) -> None:
         """Readiness and new submissions fail at once; running transfers get

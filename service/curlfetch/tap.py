@@ -15,6 +15,7 @@ from typing import Any
 from twisted.application import strports
 
 from .api import JobAPI
+from .api.connections import default_max_connections
 from .bodies import DirectoryBodyStore
 from .engine import CurlClient
 from .jobs import Limits
@@ -24,8 +25,10 @@ from .options import Config, Options
 from .process import (
     exit_0_if_clean,
     exit_1_after_shutdown,
+    exit_now_if_start_up_abandoned,
     ready,
     second_signal_forces_stop,
+    stop_on_early_signal,
     tune_gc,
 )
 from .scheduler import Scheduler, SchedulerConfig
@@ -42,6 +45,24 @@ from .store.sqlite import SQLiteJobStore
 
 __all__ = ["Options", "build_service", "json_log_observer", "makeService"]
 """``json_log_observer`` too: ``--logger=curlfetch.tap.json_log_observer`` is documented."""
+
+
+LISTEN_BACKLOG = 1024
+"""The accept queue of a tcp/tcp6/ssl/unix --listen that does not set ``backlog=``
+(Twisted's default is 50): a burst of connections waits in it instead of having its SYNs
+dropped and retried a second later. The kernel caps it (``net.core.somaxconn``)."""
+
+_BACKLOG_TYPES = ("tcp:", "tcp6:", "ssl:", "unix:")
+
+
+def with_backlog(description: str, backlog: int = LISTEN_BACKLOG) -> str:
+    """``description`` with ``:backlog=<backlog>`` added when it is a stream endpoint
+    that takes one and does not set it."""
+    if not description.lower().startswith(_BACKLOG_TYPES):
+        return description
+    if "backlog=" in description.lower():
+        return description
+    return f"{description}:backlog={backlog}"
 
 
 def build_service(reactor: Any, config: Config) -> CurlfetchService:
@@ -98,8 +119,14 @@ def build_service(reactor: Any, config: Config) -> CurlfetchService:
         metrics_auth=config.metrics_auth == "token",
         quotas=config.quotas,
     )
-    # api.site(): a Site whose requests refuse a too-large body before reading it.
-    http = strports.service(config.listen, api.site(), reactor=reactor)
+    # api.site(): a Site whose requests refuse a too-large body before reading it, and
+    # whose connections are bounded in number and in time (api/connections.py).
+    site = api.site(
+        idle_timeout=config.idle_timeout,
+        header_timeout=config.header_timeout,
+        max_connections=config.max_connections or default_max_connections(config.max_concurrency),
+    )
+    http = strports.service(with_backlog(config.listen), site, reactor=reactor)
     http.setName("http")
 
     root = CurlfetchService(
@@ -136,5 +163,7 @@ def makeService(options: Options) -> CurlfetchService:
         errbackArgs=(reactor,),
     )
     reactor.addSystemEventTrigger("after", "shutdown", exit_0_if_clean, root, reactor)
+    reactor.addSystemEventTrigger("after", "shutdown", exit_now_if_start_up_abandoned, root)
     second_signal_forces_stop(root, reactor)
+    stop_on_early_signal(reactor)
     return root

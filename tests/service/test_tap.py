@@ -61,6 +61,7 @@ def test_defaults() -> None:
     assert config.retention == 7 * 86400
     assert config.drain_timeout == 20
     assert config.log_format == "text"
+    assert (config.idle_timeout, config.header_timeout, config.max_connections) == (10, 10, 0)
 
 
 def test_every_option_on_the_command_line(tmp_path: Path) -> None:
@@ -76,6 +77,9 @@ def test_every_option_on_the_command_line(tmp_path: Path) -> None:
             "--retention=12h",
             "--drain-timeout=1.5",
             "--log-format=JSON",
+            "--idle-timeout=30s",
+            "--header-timeout=2.5",
+            "--max-connections=500",
         ]
     )
     assert options.config == Config(
@@ -88,6 +92,9 @@ def test_every_option_on_the_command_line(tmp_path: Path) -> None:
         retention=12 * 3600,
         drain_timeout=1.5,
         log_format="json",
+        idle_timeout=30.0,
+        header_timeout=2.5,
+        max_connections=500,
     )
     assert options["max-concurrency"] == 64
 
@@ -106,6 +113,9 @@ def test_environment_variables(tmp_path: Path) -> None:
             "CURLFETCH_RETENTION": "30m",
             "CURLFETCH_DRAIN_TIMEOUT": "0",
             "CURLFETCH_LOG_FORMAT": "json",
+            "CURLFETCH_IDLE_TIMEOUT": "5s",
+            "CURLFETCH_HEADER_TIMEOUT": "500ms",
+            "CURLFETCH_MAX_CONNECTIONS": "0",
             "CURLFETCH_EXTRAS": "dev",  # scripts/bootstrap's: not an option, ignored
         },
     ).config
@@ -119,6 +129,9 @@ def test_environment_variables(tmp_path: Path) -> None:
         retention=1800.0,
         drain_timeout=0.0,
         log_format="json",
+        idle_timeout=5.0,
+        header_timeout=0.5,
+        max_connections=0,
     )
 
 
@@ -145,6 +158,9 @@ def test_command_line_beats_environment() -> None:
         (["--retention=7w"], "--retention: must be seconds or a number with"),
         (["--drain-timeout=-1"], "--drain-timeout: must be seconds"),
         (["--log-format=xml"], "--log-format: must be text or json"),
+        (["--idle-timeout=0"], "--idle-timeout: must be more than 0"),
+        (["--header-timeout=soon"], "--header-timeout: must be seconds"),
+        (["--max-connections=-1"], "--max-connections: must be 0 (no limit) or more"),
         (["--listen=nonsense:1"], "--listen: is not a strports description"),
         (["--listen=tcp:http"], "--listen: is not a strports description"),
     ],
@@ -351,6 +367,41 @@ async def test_start_up_failure_is_reported_and_stop_closes_what_opened(
         await taken.stopListening()
 
 
+@pytest_twisted.ensureDeferred
+async def test_stop_gives_up_a_start_up_that_hangs() -> None:
+    """A child that never finishes starting (a database that never answers) holds a
+    stop for STARTUP_WAIT_ON_STOP only: then start-up is abandoned (when_started fails
+    with StartupAbandonedError), the children that started are stopped, the ones after
+    never start, and the hung child is stopped if its start ever finishes."""
+    from types import SimpleNamespace
+
+    from twisted.internet.defer import Deferred
+
+    from curlfetch.services import LifecycleService, StartupAbandonedError
+
+    api: Any = SimpleNamespace(start_draining=lambda: None)
+    scheduler: Any = SimpleNamespace(running=False)
+    root = CurlfetchService(reactor(), api=api, scheduler=scheduler, drain_timeout=0)
+    hang: Deferred[None] = Deferred()
+    events: list[str] = []
+    for child in (
+        LifecycleService("first", lambda: events.append("first"), lambda: events.append("-first")),
+        LifecycleService("hung", lambda: hang, lambda: events.append("-hung")),
+        LifecycleService("last", lambda: events.append("last")),
+    ):
+        child.setServiceParent(root)
+    root.startService()
+    began = reactor().seconds()
+    await within(root.stopService())
+    assert root.startup_abandoned
+    assert reactor().seconds() - began < 3
+    with pytest.raises(StartupAbandonedError):
+        await within(root.when_started())
+    hang.callback(None)
+    assert events == ["first", "-first", "-hung"]
+    assert not root.stopped_cleanly
+
+
 class _NoFactory:
     """Enough of a factory to hold a port."""
 
@@ -398,3 +449,27 @@ async def test_retention_purges_old_finished_jobs_and_their_bodies(tmp_path: Pat
     finally:
         await within(bodies.close())
         await within(store.close())
+
+
+@pytest.mark.parametrize(
+    ("listen", "expected"),
+    [
+        ("tcp:8080:interface=127.0.0.1", "tcp:8080:interface=127.0.0.1:backlog=1024"),
+        ("unix:/run/curlfetch.sock", "unix:/run/curlfetch.sock:backlog=1024"),
+        ("tcp:8080:backlog=10", "tcp:8080:backlog=10"),
+        ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0"),
+    ],
+)
+def test_listen_gets_a_larger_backlog_unless_it_sets_one(listen: str, expected: str) -> None:
+    """Twisted's default accept queue (50) drops SYNs in a burst of connections."""
+    assert tap.with_backlog(listen) == expected
+
+
+def test_max_connections_defaults_to_the_file_limit_less_a_reserve() -> None:
+    """0 (the default): the open-files limit less one per transfer and 256."""
+    import resource
+
+    from curlfetch.api.connections import default_max_connections
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert default_max_connections(100) == max(64, soft - 100 - 256)

@@ -34,6 +34,7 @@ from ..openapi import build_openapi
 from ..quotas import ClientQuotas, RateLimiter
 from ..scheduler import Scheduler
 from ..store import JobStore
+from .connections import DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, ApiSite
 from .http import (
     DEFAULT_MAX_REQUEST_BYTES,
     REFUSE_GRACE,
@@ -141,12 +142,27 @@ class JobAPI:
         resource: IResource = self.app.resource()
         return resource
 
-    def site(self, **kwargs: Any) -> Site:
-        """A ``Site`` serving ``resource()`` with ``BoundedRequest`` requests."""
+    def site(
+        self,
+        *,
+        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
+        header_timeout: float | None = DEFAULT_HEADER_TIMEOUT,
+        max_connections: int = 0,
+        **kwargs: Any,
+    ) -> Site:
+        """A ``Site`` serving ``resource()`` with ``BoundedRequest`` requests, closing
+        connections idle for ``idle_timeout`` and requests whose head takes longer than
+        ``header_timeout``, and at most ``max_connections`` open (0: no limit); see
+        ``connections``."""
         gate = self._auth_failure if self.tokens else None
-        site = Site(
+        site = ApiSite(
             self.resource(),
             requestFactory=bounded_request_factory(self.max_request_bytes, self.reactor, gate),
+            header_timeout=header_timeout,
+            max_connections=max_connections,
+            max_body=self.max_request_bytes,
+            timeout=idle_timeout,
+            reactor=self.reactor,
             **kwargs,
         )
         site.displayTracebacks = False

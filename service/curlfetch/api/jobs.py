@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import re
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import gatherResults
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
+from ..bodies import BodyLostError, open_stored
 from ..jobs import Job, JobSpec, JobState, SpecError, new_job_id
 from ..openapi import (
     BAD_AUTH,
@@ -67,6 +68,7 @@ from .waiters import JobWaiters
 if TYPE_CHECKING:
     from . import JobAPI
 
+log = Logger()
 
 MAX_BATCH = 1000
 MAX_WAIT = 60.0
@@ -280,6 +282,11 @@ def _body_doc(api: JobAPI) -> dict[str, Any]:
             "304": {"description": "Not modified (If-None-Match matched)."},
             "400": BAD_AUTH_RESPONSE,
             **_JOB_ERRORS,
+            "410": error_response(
+                "The job succeeded but its stored body is gone or damaged (deleted or "
+                "truncated on disk): `body_lost`. The job view still answers; fetching "
+                "again needs a new job."
+            ),
         },
     }
 
@@ -446,10 +453,12 @@ class JobsResource(ApiResource):
         if info is None:
             raise ApiError(404, "not_found", f"job {job_id} has no body (yet)")
         try:
-            # A local open is quick; reading the file is left to FileResource.
-            file = open(self.api.bodies.path(job.id), "rb")  # noqa: SIM115, ASYNC230
-        except FileNotFoundError:
-            raise ApiError(404, "not_found", f"the body of job {job_id} is gone") from None
+            # A local open and fstat are quick; reading the file is left to FileResource.
+            file = open_stored(self.api.bodies, job.id, info.size)
+        except BodyLostError as e:
+            # Deleted or truncated under us: say so, never serve short or wrong bytes.
+            log.warn("{message}", message=str(e))
+            raise ApiError(410, "body_lost", str(e)) from None
         content_type = info.content_type or "application/octet-stream"
         if not _SAFE_CONTENT_TYPE.match(content_type):
             content_type = "application/octet-stream"
@@ -460,8 +469,7 @@ class JobsResource(ApiResource):
         if request.setETag(f'"{info.sha256}"'.encode("ascii")) is http.CACHED:
             file.close()
             return b""
-        size = _file_size(file)
-        return FileResource(file, size)
+        return FileResource(file, info.size)
 
     # -- service ---------------------------------------------------------------------------
 
@@ -567,7 +575,3 @@ def _spec_error(e: SpecError) -> ApiError:
 
 def _not_found(job_id: str) -> ApiError:
     return ApiError(404, "not_found", f"no job {job_id}")
-
-
-def _file_size(file: IO[bytes]) -> int:
-    return os.fstat(file.fileno()).st_size

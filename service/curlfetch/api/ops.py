@@ -80,25 +80,42 @@ class OpsResource(ApiResource):
         "GET",
         {
             "operationId": "readyz",
-            "summary": "Readiness: not draining, and the store answers.",
+            "summary": "Readiness: not draining, bodies can be stored, and the store answers.",
             "security": OPEN,
             "responses": {
                 "200": {"description": "Ready.", "content": json_content(ref("Ready"))},
                 "500": INTERNAL,
                 "503": {
-                    "description": "Draining, or the store does not answer.",
+                    "description": (
+                        "Draining (`draining`), the body directory is full "
+                        "(`storage_full`, until space is freed), or the store does not "
+                        "answer (`store_unavailable`)."
+                    ),
                     "content": json_content(ref("Ready")),
                 },
             },
         },
     )
     async def readyz(self, request: IRequest) -> bytes:
-        """Ready for traffic: not draining, and the store answers."""
+        """Ready for traffic: not draining, bodies can be stored (not ``storage_full``),
+        and the store answers."""
         api = self.api
         if api.draining or api.scheduler.draining:
             return json_response(
                 request,
                 {"status": "draining", **error_json("draining", "the service is shutting down")},
+                503,
+            )
+        storage_full = getattr(api.bodies, "storage_full", None)
+        full = storage_full() if callable(storage_full) else None
+        if full:
+            # Jobs would fail with storage_full: send traffic elsewhere until space is freed.
+            return json_response(
+                request,
+                {
+                    "status": "unavailable",
+                    **error_json("storage_full", f"bodies cannot be stored: {full}"),
+                },
                 503,
             )
         try:
