@@ -47,6 +47,12 @@ _TEMP_SUFFIX = ".tmp"
 SHARDS = tuple(f"{i:02x}" for i in range(256))
 _SHARD_SET = frozenset(SHARDS)
 MEMORY_LIMIT = 1024 * 1024
+RESERVE = 8 * 1024 * 1024
+"""Bytes of the data directory's filesystem that bodies leave free, for the job database
+(SQLite shares it) and its WAL: on a filling disk the bodies fail with ``storage_full``
+first, and the database can still record that, and everything else, to the last job."""
+_ROOM_CHECK_EVERY = 1024 * 1024
+"""A spilling body checks the free space again after this many bytes (one ``statvfs``)."""
 """Bytes of one body kept in memory before it spills to its temporary file."""
 MAX_BATCH = 64
 """Bodies one commit thread writes, fsyncs and renames together, at most."""
@@ -176,7 +182,7 @@ class DirectoryBodyStore:
         if is_disk_full(error):
             self._full_error = error
 
-    def storage_full(self, min_free: int = MEMORY_LIMIT * 4) -> str | None:
+    def storage_full(self, min_free: int = RESERVE + MEMORY_LIMIT * 4) -> str | None:
         """Why bodies cannot be stored now, or None (for readiness).
 
         Set by a body that failed with ENOSPC or EDQUOT; cleared by the next body that
@@ -363,6 +369,7 @@ class FileBodyWriter:
         self._limit = memory_limit
         self._chunks: list[bytes] = []
         self._file: BinaryIO | None = None
+        self._unchecked = 0  # bytes spilled since the last free-space check
         self._hash: Any = None  # hashlib's sha256 object, once spilled
         self._fd = -1  # the temporary file's descriptor, in a commit thread
         self._size = 0
@@ -392,11 +399,17 @@ class FileBodyWriter:
                 return
             self._spill()
         assert self._file is not None
+        self._unchecked += len(data)
+        if self._unchecked >= _ROOM_CHECK_EVERY:
+            _ensure_room(self.final_path, self._unchecked)
+            self._unchecked = 0
         self._file.write(data)
         self._hash.update(data)
 
     def _spill(self) -> None:
         """Past the memory limit: from here on the body goes to its temporary file."""
+        _ensure_room(self.final_path, self._size)
+        self._unchecked = 0
         fd, self.temp_path = _create_temp(self.final_path)
         self._file = os.fdopen(fd, "wb")
         self._hash = hashlib.sha256()
@@ -452,6 +465,7 @@ class FileBodyWriter:
                 return digest
             data = b"".join(self._chunks)
             self._chunks = []
+            _ensure_room(self.final_path, len(data))
             self._fd, self.temp_path = _create_temp(self.final_path)
             view = memoryview(data)
             while view:
@@ -544,6 +558,18 @@ def _commit_batch(writers: list[FileBodyWriter]) -> list[BodyInfo | Exception]:
             for i in indices:
                 results[i] = e
     return results
+
+
+def _ensure_room(path: str, size: int) -> None:
+    """Raise ENOSPC if writing ``size`` more bytes beside ``path`` would leave less than
+    ``RESERVE`` free: bodies give way before the job database has to."""
+    st = os.statvfs(os.path.dirname(path))
+    free = st.f_bavail * st.f_frsize
+    if free - size < RESERVE:
+        raise OSError(
+            errno.ENOSPC,
+            f"no space left for bodies: {free} bytes free, {RESERVE} kept for the job database",
+        )
 
 
 def _create_temp(final_path: str) -> tuple[int, str]:

@@ -78,7 +78,7 @@ ERROR_SCHEMA: dict[str, Any] = {
                     "description": (
                         "Stable, machine-readable: invalid_request (400), "
                         "unauthorized and invalid_token (401), not_found "
-                        "(404), method_not_allowed (405), conflict and "
+                        "(404), method_not_allowed (405), request_timeout (408), conflict and "
                         "idempotency_key_in_progress (409), "
                         "payload_too_large and too_many_jobs (413), "
                         "unsupported_media_type (415), idempotency_key_reused "

@@ -594,7 +594,14 @@ class Scheduler(Service):
         now = self._reactor.seconds()
         try:
             if isinstance(info, Failure):
-                log.failure("storing the body of job {job_id} failed", info, job_id=job.id)
+                if is_disk_full(info.value):  # an operator's matter, said once per job
+                    log.warn(
+                        "storing the body of job {job_id} failed: {error}",
+                        job_id=job.id,
+                        error=info.getErrorMessage(),
+                    )
+                else:
+                    log.failure("storing the body of job {job_id} failed", info, job_id=job.id)
                 error = _body_error(info.value or RuntimeError("no reason"))
                 self._finish_attempt(
                     job, started=running.started, now=now, response=None, error=error
