@@ -5,13 +5,15 @@ throwaway schema), job builders, and a time bound on every wait."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 
 from curlfetch.jobs import Job, JobSpec, JobState, Limits, new_job_id
 from curlfetch.store.sqlite import SQLiteJobStore
@@ -83,6 +85,30 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         yield Backend("postgres", tmp_path, schema)
     finally:
         schema.drop()
+
+
+@pytest.fixture
+def pg(tmp_path: Path) -> Iterator[Backend]:
+    """PostgreSQL alone: a throwaway schema (for the tests that are about it only)."""
+    require_postgres()
+    schema = PostgresSchema()
+    try:
+        yield Backend("postgres", tmp_path, schema)
+    finally:
+        schema.drop()
+
+
+async def sleep(seconds: float) -> None:
+    await deferLater(reactor(), seconds, lambda: None)
+
+
+async def until(check: Callable[[], bool], what: str, seconds: float = 10.0) -> None:
+    """Poll ``check`` on the reactor until it holds; fail after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await sleep(0.02)
 
 
 async def open_backend(backend: Backend, **kwargs: Any) -> AnyStore:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,39 +20,16 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.task import deferLater
 
 from curlfetch.jobs import JobState
 from curlfetch.store import StoreClosedError, StoreUnavailableError
 from curlfetch.store.postgres import PostgresJobStore
 from curlfetch.store.sqlite import SQLiteJobStore
 
-from .backends import POSTGRES_URL, AnyStore, Backend, PostgresSchema, require_postgres
-from .conftest import db_path, make_job, reactor, within
+from .backends import POSTGRES_URL, AnyStore, Backend
+from .conftest import db_path, make_job, reactor, until, within
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def pg(tmp_path: Path) -> Iterator[Backend]:
-    require_postgres()
-    schema = PostgresSchema()
-    try:
-        yield Backend("postgres", tmp_path, schema)
-    finally:
-        schema.drop()
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor(), seconds, lambda: None)
-
-
-async def until(check: Callable[[], bool], what: str, seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await sleep(0.02)
 
 
 def finished(job: Any) -> Any:

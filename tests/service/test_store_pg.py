@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,6 @@ import psycopg
 import pytest
 import pytest_twisted
 from twisted.internet import defer
-from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from curlfetch.jobs import JobState
@@ -35,34 +32,12 @@ from curlfetch.store.postgres import (
     redact_dsn,
 )
 
-from .backends import Backend, PostgresSchema, require_postgres
-from .conftest import make_job, open_backend, reactor, within
+from .backends import Backend
+from .conftest import make_job, open_backend, reactor, sleep, until, within
 
 pytestmark = pytest.mark.timeout(60)
 
 T0 = 1_700_000_000.0
-
-
-@pytest.fixture
-def pg(tmp_path: Path) -> Iterator[Backend]:
-    require_postgres()
-    schema = PostgresSchema()
-    try:
-        yield Backend("postgres", tmp_path, schema)
-    finally:
-        schema.drop()
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor(), seconds, lambda: None)
-
-
-async def until(check: Callable[[], bool], what: str, seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await sleep(0.02)
 
 
 async def opened(pg: Backend, *names: str, **kwargs: Any) -> list[PostgresJobStore]:
