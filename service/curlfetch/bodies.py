@@ -401,14 +401,14 @@ class FileBodyWriter:
         assert self._file is not None
         self._unchecked += len(data)
         if self._unchecked >= _ROOM_CHECK_EVERY:
-            _ensure_room(self.final_path, self._unchecked)
+            _ensure_room(self._store.root, self._unchecked)
             self._unchecked = 0
         self._file.write(data)
         self._hash.update(data)
 
     def _spill(self) -> None:
         """Past the memory limit: from here on the body goes to its temporary file."""
-        _ensure_room(self.final_path, self._size)
+        _ensure_room(self._store.root, self._size)
         self._unchecked = 0
         fd, self.temp_path = _create_temp(self.final_path)
         self._file = os.fdopen(fd, "wb")
@@ -465,7 +465,7 @@ class FileBodyWriter:
                 return digest
             data = b"".join(self._chunks)
             self._chunks = []
-            _ensure_room(self.final_path, len(data))
+            _ensure_room(self._store.root, len(data))
             self._fd, self.temp_path = _create_temp(self.final_path)
             view = memoryview(data)
             while view:
@@ -560,10 +560,10 @@ def _commit_batch(writers: list[FileBodyWriter]) -> list[BodyInfo | Exception]:
     return results
 
 
-def _ensure_room(path: str, size: int) -> None:
-    """Raise ENOSPC if writing ``size`` more bytes beside ``path`` would leave less than
+def _ensure_room(root: str, size: int) -> None:
+    """Raise ENOSPC if writing ``size`` more bytes under ``root`` would leave less than
     ``RESERVE`` free: bodies give way before the job database has to."""
-    st = os.statvfs(os.path.dirname(path))
+    st = os.statvfs(root)
     free = st.f_bavail * st.f_frsize
     if free - size < RESERVE:
         raise OSError(

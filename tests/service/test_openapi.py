@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from typing import Any
 
@@ -233,6 +234,14 @@ async def test_real_responses_match_the_document(services: ServiceFactory) -> No
     reply = await s.call("POST", jobs_path, body=body, headers=[json_type, ("Idempotency-Key", "")])
     assert reply.status == 400
     c.check(reply, jobs_path, "POST")
+
+    # A body deleted under its finished job: 410.
+    lost = (await s.submit({"url": s.url("/bytes?n=10")})).json()["id"]
+    assert (await s.call("GET", f"/v1/jobs/{lost}?wait=5")).json()["state"] == "succeeded"
+    os.unlink(s.bodies.path(lost))
+    reply = await s.call("GET", f"/v1/jobs/{lost}/body")
+    assert reply.status == 410
+    c.check(reply, body_path, "GET")
 
     # Queued and running jobs: cancel, backpressure, bodies not there yet.
     busy = (await s.submit({"url": s.url("/delay?s=30")})).json()["id"]
