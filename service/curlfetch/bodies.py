@@ -465,7 +465,6 @@ class FileBodyWriter:
                 return digest
             data = b"".join(self._chunks)
             self._chunks = []
-            _ensure_room(self._store.root, len(data))
             self._fd, self.temp_path = _create_temp(self.final_path)
             view = memoryview(data)
             while view:
@@ -534,7 +533,21 @@ def _commit_batch(writers: list[FileBodyWriter]) -> list[BodyInfo | Exception]:
     """In a commit thread: write every body, fsync every file, rename them all, then fsync
     each directory once, which makes all the batch's renames in it durable together."""
     results: list[BodyInfo | Exception] = []
+    # Bodies still in memory need room for all of them: one free-space check per batch
+    # (spilled bodies checked theirs while they were written).
+    unspilled = [w for w in writers if w._file is None]
+    full: OSError | None = None
+    if unspilled:
+        try:
+            _ensure_room(unspilled[0]._store.root, sum(w.size for w in unspilled))
+        except OSError as e:
+            full = e
     for writer in writers:
+        if full is not None and writer._file is None:
+            writer._chunks = []
+            writer._discard()
+            results.append(full)
+            continue
         try:
             results.append(BodyInfo(size=writer.size, sha256=writer._write_temp()))
         except Exception as e:

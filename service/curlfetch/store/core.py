@@ -386,13 +386,6 @@ class StoreCore(abc.ABC):
         unavailable = failure.check(StoreUnavailableError) is not None
         if unavailable:
             self._failed_batches += 1
-            log.warn(
-                "{label}: the database failed under a batch of {count} ({error}); "
-                "retrying its saves",
-                label=self._label,
-                count=len(ops),
-                error=failure.getErrorMessage(),
-            )
         held = 0
         for op in ops:
             if op.deferred.called:
@@ -403,6 +396,15 @@ class StoreCore(abc.ABC):
                 held += 1
             else:
                 op.deferred.errback(failure)
+        if unavailable:
+            log.warn(
+                "{label}: the database failed under a batch of {count} operations "
+                "({error}); {held} to be run again",
+                label=self._label,
+                count=len(ops),
+                error=failure.getErrorMessage(),
+                held=held,
+            )
         if held and self._retry_call is None:
             exponent = min(self._failed_batches - 1, 10)
             delay = min(RETRY_FIRST * 2**exponent, RETRY_MAX)
