@@ -41,6 +41,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from .jobs import BodyInfo
+from .warc import ResponseMeta
 
 _ID = re.compile(r"[0-9A-Za-z_-]{4,128}\Z")
 _TEMP_SUFFIX = ".tmp"
@@ -76,10 +77,10 @@ class BodyWriter(Protocol):
 
     def write(self, data: bytes) -> None: ...
 
-    def commit(self) -> Deferred[BodyInfo]:
-        """Make the body durable and visible under its final name; fires with its size
-        and hash once it is (never earlier). On failure nothing may claim the body; a
-        failure before the rename leaves no file behind."""
+    def commit(self, meta: ResponseMeta | None = None) -> Deferred[BodyInfo]:
+        """Make the body durable; fires with its size, hash and place once it is (never
+        earlier). ``meta``: what a WARC record says of the response (the segment store
+        needs it). On failure nothing may claim the body, and nothing is left behind."""
 
     def abort(self) -> None:
         """Discard what was written; the final name is left as it was. Idempotent; a
@@ -89,14 +90,6 @@ class BodyWriter(Protocol):
 class BodyStore(Protocol):
     def open_writer(self, job_id: str) -> BodyWriter:
         """Start writing ``job_id``'s body; nothing is visible until ``commit``."""
-
-    def path(self, job_id: str) -> str:
-        """Where ``job_id``'s committed body is (or would be)."""
-
-    def exists(self, job_id: str) -> bool: ...
-
-    def delete(self, job_ids: Iterable[str]) -> int:
-        """Remove these bodies (missing ones are skipped); return how many were removed."""
 
 
 class DirectoryBodyStore:
@@ -335,7 +328,7 @@ class BodyLostError(Exception):
         self.reason = reason
 
 
-def open_stored(store: BodyStore, job_id: str, size: int) -> BinaryIO:
+def open_stored(store: DirectoryBodyStore, job_id: str, size: int) -> BinaryIO:
     """Open a committed body for reading, checking it is still there and still ``size``
     bytes (its recorded size; a cheap check, unlike its sha256, that catches deletion and
     truncation). Raises ``BodyLostError`` otherwise; the caller closes the file."""
@@ -418,7 +411,8 @@ class FileBodyWriter:
             self._hash.update(chunk)
         self._chunks = []
 
-    def commit(self) -> Deferred[BodyInfo]:
+    def commit(self, meta: ResponseMeta | None = None) -> Deferred[BodyInfo]:
+        """``meta`` is not needed: a file holds the payload alone."""
         if self._state == _COMMITTED:
             assert self._info is not None
             return succeed(self._info)

@@ -483,10 +483,50 @@ def spec_from_stored(data: Mapping[str, Any], metadata: dict[str, Any] | None) -
 
 @attrs.frozen
 class BodyInfo:
+    """A stored body: its size and sha256, and where its WARC record is (``segment``
+    None: a file of the earlier file-per-body store)."""
+
     size: int
     sha256: str
     truncated: bool = False
     content_type: str | None = None
+    segment: str | None = None
+    offset: int = 0
+    """Where the record starts in the segment file."""
+    length: int = 0
+    """The record's bytes in the segment file (compressed, in a ``.warc.gz``)."""
+    payload_at: int = 0
+    """Where the payload starts in the (uncompressed) record."""
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "size": self.size,
+            "sha256": self.sha256,
+            "truncated": self.truncated,
+            "content_type": self.content_type,
+        }
+        if self.segment is not None:
+            out["warc"] = {
+                "segment": self.segment,
+                "offset": self.offset,
+                "length": self.length,
+                "payload_at": self.payload_at,
+            }
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> BodyInfo:
+        record = data.get("warc")
+        return cls(
+            data["size"],
+            data["sha256"],
+            data["truncated"],
+            data["content_type"],
+            segment=None if record is None else record["segment"],
+            offset=0 if record is None else record["offset"],
+            length=0 if record is None else record["length"],
+            payload_at=0 if record is None else record["payload_at"],
+        )
 
 
 @attrs.frozen
@@ -510,14 +550,7 @@ class JobResult:
             "effective_url": self.effective_url,
             "primary_ip": self.primary_ip,
             "redirects": [{"status": s, "location": loc} for s, loc in self.redirects],
-            "body": None
-            if self.body is None
-            else {
-                "size": self.body.size,
-                "sha256": self.body.sha256,
-                "truncated": self.body.truncated,
-                "content_type": self.body.content_type,
-            },
+            "body": None if self.body is None else self.body.to_json(),
             "timings": self.timings,
         }
 
@@ -531,9 +564,7 @@ class JobResult:
             effective_url=data["effective_url"],
             primary_ip=data["primary_ip"],
             redirects=tuple((r["status"], r["location"]) for r in data["redirects"]),
-            body=None
-            if body is None
-            else BodyInfo(body["size"], body["sha256"], body["truncated"], body["content_type"]),
+            body=None if body is None else BodyInfo.from_json(body),
             timings=dict(data["timings"]),
         )
 

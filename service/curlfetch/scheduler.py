@@ -49,6 +49,7 @@ from .engine import (
 )
 from .jobs import BodyInfo, Job, JobError, JobResult, JobState
 from .store import JobStore, StoreClosedError
+from .warc import ResponseMeta, http_head
 
 log = Logger()
 
@@ -581,7 +582,14 @@ class Scheduler(Service):
             self._finish_attempt(job, started=running.started, now=now, response=None, error=error)
             return
         # The job says succeeded only once its body is durable: saved when this fires.
-        committed = writer.commit()
+        committed = writer.commit(
+            ResponseMeta(
+                target_uri=response.effective_url or job.spec.url,
+                ip_address=response.primary_ip,
+                date=running.started,
+                head=http_head(response.header_lines),
+            )
+        )
         self._committing += 1
         committed.addBoth(self._committed, running, response)
         committed.addErrback(
@@ -607,12 +615,7 @@ class Scheduler(Service):
                     job, started=running.started, now=now, response=None, error=error
                 )
             else:
-                body = BodyInfo(
-                    info.size,
-                    info.sha256,
-                    truncated=False,
-                    content_type=response.headers.get("content-type"),
-                )
+                body = attrs.evolve(info, content_type=response.headers.get("content-type"))
                 self._finish_attempt(
                     job, started=running.started, now=now, response=response, body=body
                 )

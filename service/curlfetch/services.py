@@ -36,8 +36,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .api import JobAPI
-from .bodies import DirectoryBodyStore
 from .scheduler import Scheduler
+from .segments import SegmentBodyStore
 from .store import JobStore, SchemaVersionError, StoreClosedError
 
 log = Logger()
@@ -71,7 +71,7 @@ class LifecycleService(Service):
 
 
 def store_service(
-    reactor: Any, *, store: JobStore, bodies: DirectoryBodyStore, shared: bool
+    reactor: Any, *, store: JobStore, bodies: SegmentBodyStore, shared: bool
 ) -> LifecycleService:
     """The "store" child: opens the job store (requeueing what a killed process left
     running) and the body store; after the drain, closes both. ``shared``: other
@@ -84,11 +84,25 @@ def store_service(
         # A body directory shared with other instances holds their writes in progress:
         # only files far older than any transfer are a crashed writer's.
         older_than = STALE_SHARED_TEMP if shared else 0.0
-        stale = await threads.deferToThreadPool(
-            reactor, reactor.getThreadPool(), bodies.remove_stale_temp_files, older_than
+        pool = reactor.getThreadPool()
+        if bodies.legacy is not None:
+            stale = await threads.deferToThreadPool(
+                reactor, pool, bodies.legacy.remove_stale_temp_files, older_than
+            )
+            if stale:
+                log.info("removed {count} partial bodies", count=stale)
+        # Segments a killed process left open: cut to their last whole record, sealed.
+        repaired, cut, spilled = await threads.deferToThreadPool(
+            reactor, pool, bodies.recover, older_than if shared else None
         )
-        if stale:
-            log.info("removed {count} partial bodies", count=stale)
+        if repaired or spilled:
+            log.info(
+                "recovered {segments} open segments ({cut} bytes of torn tail cut), "
+                "removed {spilled} spill files",
+                segments=repaired,
+                cut=cut,
+                spilled=spilled,
+            )
         bodies.start()
 
     async def close_stores() -> None:
@@ -301,6 +315,11 @@ class CurlfetchService(MultiService):
         self.scheduler.cut_short()
 
 
+SEGMENT_MARGIN = 60.0
+"""Seconds a segment outlives the retention: a job's ``finished_at`` is stamped just
+after its group's sync, and a shared volume's file times come from its server's clock."""
+
+
 class RetentionService(TimerService):
     """Deletes finished jobs older than the retention, and their bodies, periodically
     (every tenth of the retention, between 1 s and 1 h)."""
@@ -310,7 +329,7 @@ class RetentionService(TimerService):
         reactor: Any,
         *,
         store: JobStore,
-        bodies: DirectoryBodyStore,
+        bodies: SegmentBodyStore,
         retention: float,
     ) -> None:
         super().__init__(min(max(retention / 10, 1.0), 3600.0), self.purge)
@@ -327,17 +346,24 @@ class RetentionService(TimerService):
 
     async def _purge(self) -> None:
         try:
-            ids = await self._store.purge(self._reactor.seconds() - self.retention)
-            if not ids:
-                return
-            # The rows go first: a crash in between leaves unreferenced files, never a
-            # job whose body is missing. Unlinking many files is for a thread.
-            removed = await threads.deferToThreadPool(
-                self._reactor, self._reactor.getThreadPool(), self._bodies.delete, ids
+            cutoff = self._reactor.seconds() - self.retention
+            ids = await self._store.purge(cutoff)
+            # The rows go first: a crash in between leaves unreferenced bodies, never a
+            # job whose body is missing. Unlinking files is for a thread.
+            pool = self._reactor.getThreadPool()
+            removed = await threads.deferToThreadPool(self._reactor, pool, self._bodies.delete, ids)
+            # A segment goes once its last record is older than the retention (and a
+            # margin for the clock of a shared volume's server): its jobs are gone.
+            segments = await threads.deferToThreadPool(
+                self._reactor, pool, self._bodies.delete_expired, cutoff - SEGMENT_MARGIN
             )
-            log.info(
-                "retention: purged {jobs} jobs, {bodies} bodies", jobs=len(ids), bodies=removed
-            )
+            if ids or segments:
+                log.info(
+                    "retention: purged {jobs} jobs, {bodies} body files, {segments} segments",
+                    jobs=len(ids),
+                    bodies=removed,
+                    segments=segments,
+                )
         except Exception:
             log.failure("retention purge failed")
 

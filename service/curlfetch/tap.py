@@ -10,6 +10,7 @@ argument. The twistd plugin imports ``Options`` and ``makeService`` from here.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.application import strports
@@ -32,6 +33,7 @@ from .process import (
     tune_gc,
 )
 from .scheduler import Scheduler, SchedulerConfig
+from .segments import SegmentBodyStore
 from .services import (
     CurlfetchService,
     LifecycleService,
@@ -65,21 +67,43 @@ def with_backlog(description: str, backlog: int = LISTEN_BACKLOG) -> str:
     return f"{description}:backlog={backlog}"
 
 
+def body_store(reactor: Any, config: Config, instance: str) -> SegmentBodyStore:
+    """WARC segments under ``segments/``; the file-per-body store of earlier versions
+    under ``bodies/`` where one exists (still read and purged), or written with
+    ``--body-store files``."""
+    write_files = config.body_store == "files"
+    files = None
+    if write_files or os.path.isdir(config.bodies_dir):
+        files = DirectoryBodyStore(reactor, config.bodies_dir)
+    return SegmentBodyStore(
+        reactor,
+        config.segments_dir,
+        instance=instance,
+        compression=config.body_compression,
+        max_segment_bytes=config.segment_max_size,
+        # Retention deletes a segment by its age: never one still being appended to.
+        max_segment_age=min(config.segment_max_age, config.retention / 2),
+        legacy=files,
+        write_files=write_files,
+    )
+
+
 def build_service(reactor: Any, config: Config) -> CurlfetchService:
     """Everything, wired; nothing started. Children, in start order: store, engine,
     metrics, scheduler, retention, http."""
     store: SQLiteJobStore | PostgresJobStore
+    instance = config.instance_id or default_instance_id()
     if config.database:
         store = PostgresJobStore(
             reactor,
             config.database,
-            config.instance_id or default_instance_id(),
+            instance,
             lease_seconds=config.lease,
             max_per_host=config.max_per_host,  # shared by every instance
         )
     else:
         store = SQLiteJobStore(reactor, config.db_path)
-    bodies = DirectoryBodyStore(reactor, config.bodies_dir)
+    bodies = body_store(reactor, config, instance)
     client = CurlClient(
         reactor,
         max_concurrent=config.max_concurrency,

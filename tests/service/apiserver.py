@@ -30,6 +30,7 @@ from curlfetch.jobs import Limits
 from curlfetch.metrics import Metrics
 from curlfetch.quotas import ClientQuotas
 from curlfetch.scheduler import Scheduler, SchedulerConfig
+from curlfetch.segments import SegmentBodyStore
 from curlfetch.store.sqlite import SQLiteJobStore
 from tests.engine.servers import LoopbackSite
 
@@ -75,11 +76,20 @@ class Service:
         tokens: Mapping[str, str] | None = None,
         metrics_auth: bool = True,
         quotas: ClientQuotas | None = None,
+        body_store: str = "segments",
+        compression: str = "none",
     ) -> None:
         self.reactor = reactor()
         self.root = root
         self.store = SQLiteJobStore(self.reactor, root / "jobs.sqlite3")
-        self.bodies = DirectoryBodyStore(self.reactor, root / "bodies")
+        files = DirectoryBodyStore(self.reactor, root / "bodies")
+        self.bodies = SegmentBodyStore(
+            self.reactor,
+            root / "segments",
+            compression=compression,
+            legacy=files,
+            write_files=body_store == "files",
+        )
         self.engine = CurlClient(self.reactor)
         self.metrics = Metrics(self.reactor, lag_interval=0.1)
         self.scheduler = Scheduler(

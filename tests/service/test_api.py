@@ -73,12 +73,17 @@ async def test_submit_then_wait_then_result_and_body(svc: Service) -> None:
     digest = hashlib.sha256(expected).hexdigest()
     result = done["result"]
     assert result["status"] == 200
+    warc = result["body"].pop("warc")
     assert result["body"] == {
         "size": 5000,
         "sha256": digest,
         "url": f"/v1/jobs/{job['id']}/body",
         "truncated": False,
     }
+    # The record's place: the payload is the last 5000 bytes before the 4-byte trailer.
+    assert warc["segment"].endswith(".warc")
+    assert warc["offset"] > 0  # after the segment's warcinfo record
+    assert warc["length"] == warc["payload_at"] + 5000 + 4
 
     body = await svc.call("GET", result["body"]["url"])
     assert body.status == 200

@@ -73,10 +73,11 @@ async def store(tmp_path: Path) -> AsyncIterator[DirectoryBodyStore]:
 def test_implements_the_body_store_protocols(tmp_path: Path) -> None:
     """DirectoryBodyStore is a BodyStore and its writers are BodyWriters (mypy checks the
     assignments)."""
-    store: BodyStore = make_store(tmp_path)
+    files = make_store(tmp_path)
+    store: BodyStore = files
     writer: BodyWriter = store.open_writer("abcd1234")
     writer.abort()
-    assert not store.exists("abcd1234")
+    assert not files.exists("abcd1234")
 
 
 def test_a_new_store_creates_its_256_shards_durably(

@@ -238,9 +238,19 @@ async def test_real_responses_match_the_document(services: ServiceFactory) -> No
     # A body deleted under its finished job: 410.
     lost = (await s.submit({"url": s.url("/bytes?n=10")})).json()["id"]
     assert (await s.call("GET", f"/v1/jobs/{lost}?wait=5")).json()["state"] == "succeeded"
-    os.unlink(s.bodies.path(lost))
+    segment = (await s.call("GET", f"/v1/jobs/{lost}")).json()["result"]["body"]["warc"]
+    os.unlink(s.root / "segments" / (segment["segment"] + ".open"))
     reply = await s.call("GET", f"/v1/jobs/{lost}/body")
     assert reply.status == 410
+    c.check(reply, body_path, "GET")
+    # A range past the end: 416; one within: 206.
+    kept = (await s.submit({"url": s.url("/bytes?n=10")})).json()["id"]
+    assert (await s.call("GET", f"/v1/jobs/{kept}?wait=5")).json()["state"] == "succeeded"
+    reply = await s.call("GET", f"/v1/jobs/{kept}/body", headers=[("Range", "bytes=10-")])
+    assert reply.status == 416
+    c.check(reply, body_path, "GET")
+    reply = await s.call("GET", f"/v1/jobs/{kept}/body", headers=[("Range", "bytes=2-4")])
+    assert reply.status == 206
     c.check(reply, body_path, "GET")
 
     # Queued and running jobs: cancel, backpressure, bodies not there yet.

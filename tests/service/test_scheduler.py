@@ -31,6 +31,7 @@ from curlfetch.scheduler import (
     retry_delay,
 )
 from curlfetch.store.sqlite import SQLiteJobStore
+from curlfetch.warc import ResponseMeta
 from tests.engine.conftest import curl_registrations
 from tests.engine.faults import FaultServer, canned, refused_port, silent
 from tests.engine.servers import LoopbackSite, pattern_bytes
@@ -584,11 +585,11 @@ class HeldWriter:
     def abort(self) -> None:
         self.writer.abort()
 
-    def commit(self) -> Deferred[BodyInfo]:
+    def commit(self, meta: ResponseMeta | None = None) -> Deferred[BodyInfo]:
         d: Deferred[BodyInfo] = Deferred()
 
         def release() -> None:
-            self.writer.commit().chainDeferred(d)
+            self.writer.commit(meta).chainDeferred(d)
 
         self.held.append(release)
         return d
@@ -641,7 +642,9 @@ async def test_a_failed_body_commit_fails_the_job(
     def open_writer(job_id: str) -> BodyWriter:
         writer = real(job_id)
         if job_id == failing.id:
-            monkeypatch.setattr(writer, "commit", lambda: fail(OSError(error, os.strerror(error))))
+            monkeypatch.setattr(
+                writer, "commit", lambda meta=None: fail(OSError(error, os.strerror(error)))
+            )
         return writer
 
     monkeypatch.setattr(env.bodies, "open_writer", open_writer)

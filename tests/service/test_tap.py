@@ -28,6 +28,7 @@ from curlfetch.logs import json_line
 from curlfetch.options import DEFAULTS, ENV_PREFIX, Config, parse_duration
 from curlfetch.process import GC_THRESHOLDS
 from curlfetch.scheduler import Scheduler
+from curlfetch.segments import SegmentBodyStore
 from curlfetch.services import CurlfetchService, RetentionService
 from curlfetch.store import StoreClosedError
 from curlfetch.store.sqlite import SQLiteJobStore
@@ -301,7 +302,7 @@ def test_make_service_builds_the_tree_in_start_order(tmp_path: Path) -> None:
         assert isinstance(root.getServiceNamed("http"), StreamServerEndpointService)
         assert not root.running
         assert not any(child.running for child in root)
-        assert (tmp_path / "data" / "bodies").is_dir()
+        assert (tmp_path / "data" / "segments").is_dir()
         assert root.drain_timeout == 20
     finally:
         root.getServiceNamed("engine").stopService()  # closes the client
@@ -342,7 +343,9 @@ async def test_start_opens_the_store_before_listening_and_stop_closes_it(
     assert not any(child.running for child in root)
     assert root.api.draining
     assert root.scheduler._client.closed
-    assert root.scheduler._bodies._pool is None  # type: ignore[attr-defined]
+    bodies: Any = root.scheduler._bodies
+    assert bodies._thread is not None
+    assert not bodies._thread.is_alive()  # sealed its segment and stopped
     with pytest.raises(StoreClosedError):
         await store.ping()
 
@@ -417,11 +420,12 @@ class _NoFactory:
 
 @pytest_twisted.ensureDeferred
 async def test_retention_purges_old_finished_jobs_and_their_bodies(tmp_path: Path) -> None:
-    """A purge pass deletes finished jobs older than the retention and their body files;
-    newer and unfinished jobs stay."""
+    """A purge pass deletes finished jobs older than the retention and their body files
+    (of the file store, still purged after an upgrade); newer and unfinished jobs stay."""
     store = SQLiteJobStore(reactor(), tmp_path / "jobs.sqlite3")
     await within(store.open())
     bodies = DirectoryBodyStore(reactor(), tmp_path / "bodies")
+    segments = SegmentBodyStore(reactor(), tmp_path / "segments", legacy=bodies)
     try:
         now = reactor().seconds()
         old, recent, queued = make_job(), make_job(), make_job()
@@ -439,7 +443,7 @@ async def test_retention_purges_old_finished_jobs_and_their_bodies(tmp_path: Pat
             writer = bodies.open_writer(job.id)
             writer.write(b"body")
             await within(writer.commit())
-        retention = RetentionService(reactor(), store=store, bodies=bodies, retention=3600)
+        retention = RetentionService(reactor(), store=store, bodies=segments, retention=3600)
         await within(retention.purge())
         assert await within(store.get("alice", old.id)) is None
         assert not bodies.exists(old.id)

@@ -114,7 +114,7 @@ def test_build_service_picks_the_store(tmp_path: Path) -> None:
         assert (store.instance_id, store.lease_seconds) == ("web-1", 6.0)
         assert store.on_wakeup == root.scheduler.wake
         assert store.on_cancelled == root.scheduler.abort
-        assert (tmp_path / "data" / "bodies").is_dir()
+        assert (tmp_path / "data" / "segments").is_dir()
     finally:
         root.getServiceNamed("engine").stopService()
     root = tap.build_service(reactor(), _config(tmp_path))

@@ -27,12 +27,12 @@ from twisted.web.resource import IResource
 from twisted.web.server import Site
 
 from ..auth import AuthFailure, TokenSet
-from ..bodies import BodyStore
 from ..jobs import Limits
 from ..metrics import Metrics
 from ..openapi import build_openapi
 from ..quotas import ClientQuotas, RateLimiter
 from ..scheduler import Scheduler
+from ..segments import SegmentBodyStore
 from ..store import JobStore
 from .connections import DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, ApiSite
 from .http import (
@@ -92,7 +92,7 @@ class JobAPI:
         *,
         store: JobStore,
         scheduler: Scheduler,
-        bodies: BodyStore,
+        bodies: SegmentBodyStore,
         limits: Limits,
         metrics: Metrics,
         max_queued: int,

@@ -25,7 +25,7 @@ from twisted.web import http
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
-from ..bodies import BodyLostError, open_stored
+from ..bodies import BodyLostError
 from ..jobs import Job, JobSpec, JobState, SpecError, new_job_id
 from ..openapi import (
     BAD_AUTH,
@@ -49,6 +49,7 @@ from .http import (
     JSON_TYPE,
     ApiError,
     FileResource,
+    byte_range,
     check_content_type,
     check_length,
     check_quotas,
@@ -265,9 +266,21 @@ def _body_doc(api: JobAPI) -> dict[str, Any]:
         "operationId": "getJobBody",
         "summary": "The response body, as stored.",
         "description": (
-            "The bytes with the original Content-Type (or "
-            "application/octet-stream); `ETag` is the quoted sha256."
+            "The payload of the job's WARC record, with the original Content-Type (or "
+            "application/octet-stream); `ETag` is the quoted sha256. One byte range "
+            "(`Range: bytes=first-last`, `first-` or `-suffix`) answers 206; a range past "
+            "the end answers 416; several ranges, or an `If-Range` that does not match "
+            "the ETag, answer the whole body."
         ),
+        "parameters": [
+            {
+                "name": "Range",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string"},
+                "description": "One byte range: bytes=0-99, bytes=100- or bytes=-100.",
+            }
+        ],
         "responses": {
             "200": {
                 "description": "The body.",
@@ -275,11 +288,32 @@ def _body_doc(api: JobAPI) -> dict[str, Any]:
                     "ETag": {
                         "description": "The body's sha256, quoted.",
                         "schema": {"type": "string"},
-                    }
+                    },
+                    "Accept-Ranges": {"schema": {"type": "string", "enum": ["bytes"]}},
+                },
+                "content": {"*/*": {"schema": {}}},
+            },
+            "206": {
+                "description": "The requested range of the body.",
+                "headers": {
+                    "Content-Range": {
+                        "description": "bytes first-last/size",
+                        "schema": {"type": "string"},
+                    },
+                    "ETag": {"schema": {"type": "string"}},
                 },
                 "content": {"*/*": {"schema": {}}},
             },
             "304": {"description": "Not modified (If-None-Match matched)."},
+            "416": {
+                **error_response("The range starts past the end of the body: `bad_range`."),
+                "headers": {
+                    "Content-Range": {
+                        "description": "bytes */size",
+                        "schema": {"type": "string"},
+                    }
+                },
+            },
             "400": BAD_AUTH_RESPONSE,
             **_JOB_ERRORS,
             "410": error_response(
@@ -452,11 +486,21 @@ class JobsResource(ApiResource):
         info = job.result.body if job.result is not None else None
         if info is None:
             raise ApiError(404, "not_found", f"job {job_id} has no body (yet)")
+        etag = f'"{info.sha256}"'.encode("ascii")
+        wanted = byte_range(request, info.size, etag)
+        if wanted == "unsatisfiable":
+            raise ApiError(
+                416,
+                "bad_range",
+                f"the range is past the end of the body ({info.size} bytes)",
+                headers={"Content-Range": f"bytes */{info.size}"},
+            )
         try:
-            # A local open and fstat are quick; reading the file is left to FileResource.
-            file = open_stored(self.api.bodies, job.id, info.size)
+            # Local opens and preads are quick (a small body is also checked against its
+            # sha256 here); reading the payload is left to FileResource.
+            payload = self.api.bodies.open_payload(job.id, info)
         except BodyLostError as e:
-            # Deleted or truncated under us: say so, never serve short or wrong bytes.
+            # Deleted, truncated or damaged under us: never serve short or wrong bytes.
             log.warn("{message}", message=str(e))
             raise ApiError(410, "body_lost", str(e)) from None
         content_type = info.content_type or "application/octet-stream"
@@ -466,10 +510,19 @@ class JobsResource(ApiResource):
         # Fetched content is untrusted: never sniff it, never run it in our origin.
         request.setHeader(b"X-Content-Type-Options", b"nosniff")
         request.setHeader(b"Content-Security-Policy", b"sandbox")
-        if request.setETag(f'"{info.sha256}"'.encode("ascii")) is http.CACHED:
-            file.close()
+        request.setHeader(b"Accept-Ranges", b"bytes")
+        if request.setETag(etag) is http.CACHED:
+            payload.close()
             return b""
-        return FileResource(file, info.size)
+        if wanted is None:
+            return FileResource(payload, info.size)
+        first, count = wanted
+        payload.seek_payload(first, count)
+        request.setResponseCode(http.PARTIAL_CONTENT)
+        request.setHeader(
+            b"Content-Range", b"bytes %d-%d/%d" % (first, first + count - 1, info.size)
+        )
+        return FileResource(payload, count)
 
     # -- service ---------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ def job_view(job: Job) -> dict[str, Any]:
                 "sha256": body.sha256,
                 "url": job_url(job.id) + "/body",
                 "truncated": body.truncated,
+                "warc": None if body.segment is None else result["body"]["warc"],
             }
         )
     return {
@@ -85,6 +86,24 @@ def job_schemas(max_batch: int, limits: Limits) -> dict[str, Any]:
                     "description": "Where to download it: `/v1/jobs/{job_id}/body`.",
                 },
                 "truncated": {"type": "boolean"},
+                "warc": {
+                    "type": ["object", "null"],
+                    "description": (
+                        "Where the body's WARC `response` record is: the segment file "
+                        "under `segments/`, the record's offset and length in it (a gzip "
+                        "member of its own in a `.warc.gz`), and where the payload starts "
+                        "in the uncompressed record. Null for a body stored by the "
+                        "earlier file-per-body store."
+                    ),
+                    "required": ["segment", "offset", "length", "payload_at"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "segment": {"type": "string"},
+                        "offset": {"type": "integer", "minimum": 0},
+                        "length": {"type": "integer", "minimum": 1},
+                        "payload_at": {"type": "integer", "minimum": 0},
+                    },
+                },
             },
         },
         "Result": {

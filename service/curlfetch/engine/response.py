@@ -200,6 +200,12 @@ class Response:
         self.timings = timings
 
     @property
+    def header_lines(self) -> list[bytes]:
+        """Every header line libcurl received, as received (status lines, redirects'
+        blocks and line ends included): for a faithful record of the response."""
+        return self._header_lines
+
+    @property
     def headers(self) -> Headers:
         """Headers of the final response (after redirects and 1xx), in arrival order."""
         if self._headers is None:
