@@ -1,9 +1,9 @@
 """Fault family 7: damaged state on disk (issue 13).
 
-A finished job's body file truncated or deleted: ``GET .../body`` answers a clear JSON
-error (410 ``body_lost``) and the service keeps serving. A corrupted SQLite file, or an
-unwritable data directory: start-up fails with one clear message and a non-zero exit,
-never a traceback.
+A finished job's body record overwritten, cut short, or its segment deleted: ``GET
+.../body`` answers a clear JSON error (410 ``body_lost``) and the service keeps serving.
+A corrupted SQLite file, or an unwritable data directory: start-up fails with one clear
+message and a non-zero exit, never a traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -21,45 +22,63 @@ from .conftest import Daemon, Daemons, sleep, tmpfs
 pytestmark = pytest.mark.timeout(60)
 
 
-def _body_file(daemon: Daemon, job_id: str) -> Path:
-    found = [p for p in (daemon.data_dir / "bodies").rglob(job_id) if p.is_file()]
-    assert len(found) == 1, found
-    return found[0]
+def _segment_file(daemon: Daemon, record: dict[str, Any]) -> Path:
+    """The segment holding ``record`` (a job view's ``result.body.warc``), open or sealed."""
+    root = daemon.data_dir / "segments"
+    for name in (record["segment"], record["segment"] + ".open"):
+        if (root / name).is_file():
+            return root / name
+    raise AssertionError(f"no segment {record['segment']} in {sorted(os.listdir(root))}")
 
 
 @pytest_twisted.ensureDeferred
-async def test_truncated_or_deleted_body_is_410_body_lost(
+async def test_damaged_truncated_or_deleted_body_is_410_body_lost(
     daemons: Daemons, target: LoopbackSite
 ) -> None:
-    """Two jobs succeed with 200 kB bodies; one body file is truncated to 1 kB, the other
-    deleted. Each ``GET .../body`` answers 410 with a JSON error whose code is
-    ``body_lost`` (not a 200 with short or wrong bytes, not a 404 or 500); the job view
-    still answers 200, /healthz 200, and a new job runs and serves its body."""
+    """Three jobs succeed with 200 kB bodies, their records in one segment. One record's
+    payload is overwritten, the segment is then cut short inside the second record, and
+    finally deleted (the third). Each ``GET .../body`` answers 410 with a JSON error whose
+    code is ``body_lost`` (not a 200 with short or wrong bytes, not a 404 or 500); the job
+    view still answers 200, /healthz 200, and a new job runs, its record goes to a new
+    segment, and its body is served."""
     d = await daemons.start("--drain-timeout=1")
-    views = [await d.submit({"url": target.url(f"/bytes?n={200_000 + i}")}) for i in range(2)]
-    for v in views:
-        assert (await d.wait_state(v["id"], {"succeeded", "failed"}))["state"] == "succeeded"
-    truncated, deleted = (v["id"] for v in views)
-    os.truncate(_body_file(d, truncated), 1000)
-    _body_file(d, deleted).unlink()
-
+    views = []
+    for i in range(3):  # one after another: their records in submission order
+        view = await d.submit({"url": target.url(f"/bytes?n={200_000 + i}")})
+        done = await d.wait_state(view["id"], {"succeeded", "failed"})
+        assert done["state"] == "succeeded"
+        views.append(done)
+    damaged, truncated, deleted = views
+    records = [v["result"]["body"]["warc"] for v in views]
+    assert len({r["segment"] for r in records}) == 1
+    segment = _segment_file(d, records[0])
+    fd = os.open(segment, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"\0" * 100, records[0]["offset"] + records[0]["payload_at"] + 100_000)
+    finally:
+        os.close(fd)
     answers = {}
-    for name, job_id in (("truncated", truncated), ("deleted", deleted)):
-        reply = await d.get(f"/v1/jobs/{job_id}/body")
-        answers[name] = (reply.status, reply.headers.get("content-type"), reply.body[:200])
+    answers["damaged"] = await d.get(f"/v1/jobs/{damaged['id']}/body")
+    os.truncate(segment, records[1]["offset"] + records[1]["length"] - 1000)
+    answers["truncated"] = await d.get(f"/v1/jobs/{truncated['id']}/body")
+    segment.unlink()
+    answers["deleted"] = await d.get(f"/v1/jobs/{deleted['id']}/body")
+
     healthz = await d.get("/healthz")
     view = await d.submit({"url": target.url("/bytes?n=5000")})
     fresh = await d.wait_state(view["id"], {"succeeded", "failed"})
     fresh_body = await d.get(f"/v1/jobs/{view['id']}/body")
-    print(f"\ndamaged bodies: {answers}; /healthz {healthz.status}; new job {fresh['state']}")
+    summary = {name: (r.status, r.body[:120]) for name, r in answers.items()}
+    print(f"\ndamaged bodies: {summary}; /healthz {healthz.status}; new job {fresh['state']}")
     assert healthz.status == 200
     assert fresh["state"] == "succeeded"
+    assert fresh["result"]["body"]["warc"]["segment"] != records[0]["segment"]
     assert len(fresh_body.body) == 5000
-    for name, (status, content_type, body) in answers.items():
-        assert status == 410, (name, status, body)
-        assert "json" in (content_type or ""), (name, content_type)
-        assert b'"body_lost"' in body, (name, body)
-    assert (await d.get(f"/v1/jobs/{truncated}")).status == 200
+    for name, reply in answers.items():
+        assert reply.status == 410, (name, reply.status, reply.body[:200])
+        assert "json" in (reply.headers.get("content-type") or ""), name
+        assert b'"body_lost"' in reply.body, (name, reply.body[:200])
+    assert (await d.get(f"/v1/jobs/{truncated['id']}")).status == 200
 
 
 async def _fails_to_start(d: Daemon, seconds: float = 20) -> tuple[int, str, float]:
