@@ -75,6 +75,7 @@ _COPY_CHUNK = 8 * 1024 * 1024
 _SEGMENT = re.compile(r"curlfetch-\d{8}T\d{12}Z-[0-9A-Za-z._-]+-\d{5}\.warc(\.gz)?\Z")
 _INSTANCE_UNSAFE = re.compile(r"[^0-9A-Za-z._-]+")
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+_CREATE_RW = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 _spill_numbers = itertools.count()
 
 
@@ -798,10 +799,10 @@ class SegmentWriter:
         name = f"{self.job_id}.{os.getpid()}-{next(_spill_numbers)}.spill"
         path = os.path.join(self._store.spool, name)
         try:
-            fd = os.open(path, _CREATE | os.O_RDWR, 0o600)
+            fd = os.open(path, _CREATE_RW, 0o600)
         except FileNotFoundError:
             _make_dirs(self._store.spool, ())  # removed under us: once more
-            fd = os.open(path, _CREATE | os.O_RDWR, 0o600)
+            fd = os.open(path, _CREATE_RW, 0o600)
         self.spill_path = path
         self._file = os.fdopen(fd, "w+b")
         self._hash = hashlib.sha256()
