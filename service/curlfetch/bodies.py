@@ -1,4 +1,10 @@
-"""The body store: response bodies as files under the data directory, never database blobs.
+"""The file-per-body store of earlier versions, and what every body store shares.
+
+``segments.py`` is the body store now (WARC records in segments, synced in groups). This
+one stays for one release: bodies it wrote stay readable (``open_stored``) and are
+purged by retention, and ``--body-store files`` still writes with it so that the
+benchmark can show both side by side. The protocols (``BodyWriter``), ``BodyConsumer``,
+``BodyLostError`` and the free-space reserve are shared by both.
 
 A body is written to a temporary file beside its final name, hashed, fsynced, and renamed
 into place, and the directory is fsynced, so a body path either does not exist or holds a
@@ -15,8 +21,6 @@ beyond that it spills to its temporary file, whose writes are short page-cache c
 whole batches, fsyncing each directory once per batch (group commit). The pool starts
 with the store (``start``, or the first commit) and stops with ``close``.
 
-Just over 600 lines; the body store is about to be replaced by WAL-style WARC segments
-with group commit (the next body-store issue), so it is left whole until then.
 """
 
 from __future__ import annotations
