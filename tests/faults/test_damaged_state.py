@@ -25,9 +25,10 @@ pytestmark = pytest.mark.timeout(60)
 def _segment_file(daemon: Daemon, record: dict[str, Any]) -> Path:
     """The segment holding ``record`` (a job view's ``result.body.warc``), open or sealed."""
     root = daemon.data_dir / "segments"
-    for name in (record["segment"], record["segment"] + ".open"):
-        if (root / name).is_file():
-            return root / name
+    segment: str = record["segment"]
+    for path in (root / segment, root / (segment + ".open")):
+        if path.is_file():
+            return path
     raise AssertionError(f"no segment {record['segment']} in {sorted(os.listdir(root))}")
 
 
