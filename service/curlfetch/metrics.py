@@ -52,6 +52,9 @@ METRIC_NAMES = (
     "curlfetch_reactor_lag_seconds",
     "curlfetch_orphans_requeued_total",
     "curlfetch_store_retries_total",
+    "curlfetch_body_groups_total",
+    "curlfetch_body_records_total",
+    "curlfetch_body_bytes_total",
 )
 """Every family ``render()`` exposes (documented in the README and the OpenAPI text)."""
 
@@ -63,6 +66,15 @@ class _Store(Protocol):
     def queued(self) -> int: ...
     @property
     def retried_ops(self) -> int: ...
+
+
+class _Bodies(Protocol):
+    @property
+    def groups(self) -> int: ...
+    @property
+    def records(self) -> int: ...
+    @property
+    def bytes_written(self) -> int: ...
 
 
 class _Scheduler(Protocol):
@@ -92,6 +104,21 @@ class _Recovery(Collector):
             "Store operations (saves) run again after the database failed under them.",
             value=0 if store is None else store.retried_ops,
         )
+        bodies = self._metrics._bodies
+        for name, text, value in (
+            ("groups", "Groups of body records synced together (one fdatasync each).", "groups"),
+            ("records", "Body records (WARC response records) appended to segments.", "records"),
+            (
+                "bytes",
+                "Bytes appended to body segments (records, compressed if gzip).",
+                "bytes_written",
+            ),
+        ):
+            yield CounterMetricFamily(
+                f"curlfetch_body_{name}",
+                text,
+                value=0 if bodies is None else getattr(bodies, value),
+            )
 
 
 class _JobsByState(Collector):
@@ -118,6 +145,7 @@ class Metrics:
         self._lag_interval = lag_interval
         self._store: _Store | None = None
         self._scheduler: _Scheduler | None = None
+        self._bodies: _Bodies | None = None
         self._observers: list[SchedulerObserver] = []
         self._lag_call: LoopingCall | None = None
         self._last_tick = 0.0
@@ -177,11 +205,12 @@ class Metrics:
 
     # -- wiring ----------------------------------------------------------------------------
 
-    def track(self, *, store: _Store, scheduler: _Scheduler) -> None:
+    def track(self, *, store: _Store, scheduler: _Scheduler, bodies: _Bodies | None = None) -> None:
         """Read gauges from these (the API calls this; the store and scheduler are built
         after the metrics, which the scheduler observes)."""
         self._store = store
         self._scheduler = scheduler
+        self._bodies = bodies
 
     def subscribe(self, observer: SchedulerObserver) -> None:
         """Also tell ``observer`` about every finished attempt."""

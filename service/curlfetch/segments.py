@@ -123,6 +123,7 @@ class SegmentBodyStore:
         self.write_files = write_files
         self.groups = 0  # groups synced (tests and metrics see the grouping)
         self.records = 0
+        self.bytes_written = 0
         self._reactor = reactor
         self._lock = threading.Condition()
         self._pending: list[SegmentWriter] = []
@@ -217,16 +218,27 @@ class SegmentBodyStore:
                     batch = self._take()
                     closing = self._closing
                 if batch:
-                    results = self._write_group(batch)
+                    try:
+                        results = self._write_group(batch)
+                    except Exception as e:  # a bug: fail the group, keep the thread
+                        log.failure("writing a group of bodies failed")
+                        results = [e] * len(batch)
                     self._reactor.callFromThread(self._done, batch, results)
                 elif closing:
                     break
                 else:
-                    self._seal()  # idle past the segment's age
+                    self._seal_quietly()  # idle past the segment's age
         finally:
-            with contextlib.suppress(OSError):
-                self._seal()
+            self._seal_quietly()
             self._reactor.callFromThread(self._thread_ended)
+
+    def _seal_quietly(self) -> None:
+        """Seal, logging a failure: the thread must outlive any one segment's trouble
+        (the next group opens a new segment)."""
+        try:
+            self._seal()
+        except OSError:
+            log.failure("sealing a segment failed")
 
     def _take(self) -> list[SegmentWriter]:
         pending = self._pending
@@ -291,6 +303,7 @@ class SegmentBodyStore:
             return [e] * len(batch)
         self.groups += 1
         self.records += len(batch)
+        self.bytes_written += segment.size - start
         if segment.size >= self.max_segment_bytes:
             self._seal()
         return results

@@ -122,7 +122,7 @@ class JobAPI:
         self.poll_interval = poll_interval
         self.ping_timeout = ping_timeout
         self.draining = False
-        metrics.track(store=store, scheduler=scheduler)
+        metrics.track(store=store, scheduler=scheduler, bodies=bodies)
         self._components: dict[type[ApiResource], ApiResource] = {
             cls: cls(self) for cls in RESOURCES
         }
