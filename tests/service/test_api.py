@@ -640,6 +640,9 @@ async def test_metrics_after_jobs_ran(svc: Service) -> None:
     assert 'curlfetch_jobs{state="failed"} 1.0' in text
     assert "curlfetch_jobs_submitted_total 2.0" in text
     assert "curlfetch_downloaded_bytes_total 5000.0" in text
+    assert "curlfetch_body_records_total 1.0" in text  # the one body, in one group
+    assert "curlfetch_body_groups_total 1.0" in text
+    assert re.search(r"^curlfetch_body_bytes_total 5\d\d\d\.0", text, re.M)  # record > body
     assert 'curlfetch_curl_errors_total{name="COULDNT_CONNECT"} 1.0' in text
     assert 'curlfetch_fetch_duration_seconds_count{outcome="response"} 1.0' in text
     assert "curlfetch_transfers_in_flight 0.0" in text
