@@ -35,7 +35,7 @@ import time
 import zlib
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Any, BinaryIO, Protocol, TypeGuard
+from typing import Any, BinaryIO, Protocol, Self, TypeGuard
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IProducer
@@ -354,21 +354,22 @@ def open_stored(store: DirectoryBodyStore, job_id: str, size: int) -> BinaryIO:
 _OPEN, _COMMITTING, _COMMITTED, _ABORTED = "open", "committing", "committed", "aborted"
 
 
-class FileBodyWriter:
-    """One body: chunks in memory, or past the store's ``memory_limit`` in
-    ``.<id>.<pid>-<n>.tmp`` in its final directory (same filesystem, so the rename is atomic).
-    ``commit`` runs in the store's threads; the writer is theirs from then on."""
+class SpillingWriter:
+    """What both stores' writers share: a body in memory up to ``memory_limit``, then in a
+    spill file (its sha256 taken as it is written, its free space checked every MiB), and
+    the commit state machine. ``commit`` hands the writer to its store's thread, which owns
+    it until ``_done`` runs in the reactor thread."""
 
-    def __init__(self, store: DirectoryBodyStore, final_path: str, memory_limit: int) -> None:
-        self.final_path = final_path
-        self.temp_path: str | None = None
-        self._store = store
+    needs_meta = False  # a store that keeps the HTTP head wants the response's metadata
+
+    def __init__(self, root: str, memory_limit: int) -> None:
+        self.meta: ResponseMeta | None = None
+        self._root = root
         self._limit = memory_limit
         self._chunks: list[bytes] = []
         self._file: BinaryIO | None = None
         self._unchecked = 0  # bytes spilled since the last free-space check
         self._hash: Any = None  # hashlib's sha256 object, once spilled
-        self._fd = -1  # the temporary file's descriptor, in a commit thread
         self._size = 0
         self._state = _OPEN
         self._info: BodyInfo | None = None
@@ -398,36 +399,49 @@ class FileBodyWriter:
         assert self._file is not None
         self._unchecked += len(data)
         if self._unchecked >= _ROOM_CHECK_EVERY:
-            _ensure_room(self._store.root, self._unchecked)
+            _ensure_room(self._root, self._unchecked)
             self._unchecked = 0
         self._file.write(data)
         self._hash.update(data)
 
     def _spill(self) -> None:
-        """Past the memory limit: from here on the body goes to its temporary file."""
-        _ensure_room(self._store.root, self._size)
+        """Past the memory limit: from here on the body goes to its spill file."""
+        _ensure_room(self._root, self._size)
         self._unchecked = 0
-        fd, self.temp_path = _create_temp(self.final_path)
-        self._file = os.fdopen(fd, "wb")
+        self._file = self._open_spill()
         self._hash = hashlib.sha256()
         for chunk in self._chunks:
             self._file.write(chunk)
             self._hash.update(chunk)
         self._chunks = []
 
+    def _open_spill(self) -> BinaryIO:
+        raise NotImplementedError
+
+    def _enqueue(self) -> None:
+        """Hand the writer to the store's thread (raises BodyStoreClosedError)."""
+        raise NotImplementedError
+
+    def _discard(self) -> None:
+        """Drop the spill file (any thread: the writer is not shared)."""
+        raise NotImplementedError
+
     def commit(self, meta: ResponseMeta | None = None) -> Deferred[BodyInfo]:
-        """``meta`` is not needed: a file holds the payload alone."""
+        """Fires with where the body is once it is durable, never earlier."""
         if self._state == _COMMITTED:
             assert self._info is not None
             return succeed(self._info)
         if self._state == _ABORTED:
             raise ValueError("commit of an aborted body writer")
+        if self._state == _OPEN and self.needs_meta and meta is None:
+            raise ValueError("this store keeps the response's head: commit(meta) needs it")
         d: Deferred[BodyInfo] = Deferred()
         self._waiters.append(d)
         if self._state == _OPEN:
+            self.meta = meta
             self._state = _COMMITTING
             try:
-                self._store._enqueue(self)
+                self._enqueue()
             except BodyStoreClosedError:
                 self._done(Failure())
         return d
@@ -438,6 +452,52 @@ class FileBodyWriter:
         self._state = _ABORTED
         self._chunks = []
         self._discard()
+
+    def _done(self, result: BodyInfo | Failure) -> None:
+        """In the reactor thread: the group is durable (or this body failed)."""
+        if isinstance(result, BodyInfo):
+            self._state, self._info = _COMMITTED, result
+        else:
+            self._state = _ABORTED
+            self._chunks = []
+            self._discard()
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if isinstance(result, BodyInfo):
+                waiter.callback(result)
+            else:
+                waiter.errback(result)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Abort unless committed: leaving the block early never publishes a body."""
+        self.abort()
+
+
+class FileBodyWriter(SpillingWriter):
+    """One body, spilled past the limit to ``.<id>.<pid>-<n>.tmp`` in its final directory
+    (same filesystem, so the rename is atomic)."""
+
+    def __init__(self, store: DirectoryBodyStore, final_path: str, memory_limit: int) -> None:
+        super().__init__(store.root, memory_limit)
+        self.final_path = final_path
+        self.temp_path: str | None = None
+        self._store = store
+        self._fd = -1  # the temporary file's descriptor, in a commit thread
+
+    def _open_spill(self) -> BinaryIO:
+        fd, self.temp_path = _create_temp(self.final_path)
+        return os.fdopen(fd, "wb")
+
+    def _enqueue(self) -> None:
+        self._store._enqueue(self)
 
     def _discard(self) -> None:
         with contextlib.suppress(OSError):
@@ -498,33 +558,6 @@ class FileBodyWriter:
             f.close()
         elif fd >= 0:
             os.close(fd)
-
-    def _done(self, result: BodyInfo | Failure) -> None:
-        """In the reactor thread: the batch is durable (or this body failed)."""
-        if isinstance(result, BodyInfo):
-            self._state, self._info = _COMMITTED, result
-        else:
-            self._state = _ABORTED
-            self._chunks = []
-            self._discard()
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if isinstance(result, BodyInfo):
-                waiter.callback(result)
-            else:
-                waiter.errback(result)
-
-    def __enter__(self) -> FileBodyWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Abort unless committed: leaving the block early never publishes a body."""
-        self.abort()
 
 
 def _commit_batch(writers: list[FileBodyWriter]) -> list[BodyInfo | Exception]:

@@ -54,6 +54,7 @@ from .bodies import (
     BodyStoreClosedError,
     BodyWriter,
     DirectoryBodyStore,
+    SpillingWriter,
     _ensure_room,
     _fsync_dir,
     _make_dirs,
@@ -70,7 +71,6 @@ MAX_SEGMENT_BYTES = 1024 * 1024 * 1024
 MAX_SEGMENT_AGE = 3600.0
 SPOOL = "spool"
 OPEN_SUFFIX = ".open"
-_ROOM_CHECK_EVERY = 1024 * 1024
 _COPY_CHUNK = 8 * 1024 * 1024
 _SEGMENT = re.compile(r"curlfetch-\d{8}T\d{12}Z-[0-9A-Za-z._-]+-\d{5}\.warc(\.gz)?\Z")
 _INSTANCE_UNSAFE = re.compile(r"[^0-9A-Za-z._-]+")
@@ -758,57 +758,19 @@ class PayloadReader:
         self._f.close()
 
 
-class SegmentWriter:
+class SegmentWriter(SpillingWriter):
     """One body: chunks in memory, or past the store's ``memory_limit`` in a spill file
-    under ``spool/``. ``commit(meta)`` hands it to the writer thread; the writer is the
-    thread's from then on."""
+    under ``spool/``, copied into its record by the writer thread."""
+
+    needs_meta = True
 
     def __init__(self, store: SegmentBodyStore, job_id: str) -> None:
+        super().__init__(store.root, store.memory_limit)
         self.job_id = job_id
-        self.meta: warc.ResponseMeta | None = None
         self.spill_path: str | None = None
         self._store = store
-        self._chunks: list[bytes] = []
-        self._file: BinaryIO | None = None
-        self._hash: Any = None
-        self._unchecked = 0
-        self._size = 0
-        self._state = "open"
-        self._info: BodyInfo | None = None
-        self._waiters: list[Deferred[BodyInfo]] = []
 
-    @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def closed(self) -> bool:
-        return self._state != "open"
-
-    def write(self, data: bytes) -> None:
-        if self._state != "open":
-            raise ValueError("write to a body writer that was committed or aborted")
-        if not data:
-            return
-        if type(data) is not bytes:
-            data = bytes(data)  # a caller's buffer may be reused after write() returns
-        self._size += len(data)
-        if self._file is None:
-            if self._size <= self._store.memory_limit:
-                self._chunks.append(data)
-                return
-            self._spill()
-        assert self._file is not None
-        self._unchecked += len(data)
-        if self._unchecked >= _ROOM_CHECK_EVERY:
-            _ensure_room(self._store.root, self._unchecked)
-            self._unchecked = 0
-        self._file.write(data)
-        self._hash.update(data)
-
-    def _spill(self) -> None:
-        _ensure_room(self._store.root, self._size)
-        self._unchecked = 0
+    def _open_spill(self) -> BinaryIO:
         name = f"{self.job_id}.{os.getpid()}-{next(_spill_numbers)}.spill"
         path = os.path.join(self._store.spool, name)
         try:
@@ -817,41 +779,12 @@ class SegmentWriter:
             _make_dirs(self._store.spool, ())  # removed under us: once more
             fd = os.open(path, _CREATE_RW, 0o600)
         self.spill_path = path
-        self._file = os.fdopen(fd, "w+b")
-        self._hash = hashlib.sha256()
-        for chunk in self._chunks:
-            self._file.write(chunk)
-            self._hash.update(chunk)
-        self._chunks = []
+        return os.fdopen(fd, "w+b")
 
-    def commit(self, meta: warc.ResponseMeta | None = None) -> Deferred[BodyInfo]:
-        """Append the record; fires with where it is once it is durable (never earlier)."""
-        if self._state == "committed":
-            assert self._info is not None
-            return succeed(self._info)
-        if self._state == "aborted":
-            raise ValueError("commit of an aborted body writer")
-        d: Deferred[BodyInfo] = Deferred()
-        self._waiters.append(d)
-        if self._state == "open":
-            if meta is None:
-                raise ValueError("a segment record needs its response's metadata")
-            self.meta = meta
-            self._state = "committing"
-            try:
-                self._store._enqueue(self)
-            except BodyStoreClosedError:
-                self._done(Failure())
-        return d
-
-    def abort(self) -> None:
-        if self._state != "open":
-            return
-        self._state = "aborted"
-        self._discard()
+    def _enqueue(self) -> None:
+        self._store._enqueue(self)
 
     def _discard(self) -> None:
-        """Drop the memory and the spill file (any thread: the writer is not shared)."""
         self._chunks = []
         f, self._file = self._file, None
         if f is not None:
@@ -861,22 +794,3 @@ class SegmentWriter:
         if path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-
-    def _done(self, result: BodyInfo | Failure) -> None:
-        if isinstance(result, BodyInfo):
-            self._state, self._info = "committed", result
-        else:
-            self._state = "aborted"
-            self._discard()
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if isinstance(result, BodyInfo):
-                waiter.callback(result)
-            else:
-                waiter.errback(result)
-
-    def __enter__(self) -> SegmentWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.abort()
