@@ -186,17 +186,12 @@ class DirectoryBodyStore:
         commits, or once the filesystem has ``min_free`` bytes free again (checked with
         ``statvfs``, a cheap local call, only while set), so readiness recovers by itself
         when space is freed even though no job is running."""
-        error = self._full_error
-        if error is None:
+        if self._full_error is None:
             return None
-        try:
-            st = os.statvfs(self.root)
-        except OSError:
-            return f"{self.root}: {error.strerror or error}"
-        if st.f_bavail * st.f_frsize >= min_free:
+        reason = still_full(self.root, self._full_error, min_free)
+        if reason is None:
             self._full_error = None
-            return None
-        return f"{self.root}: {error.strerror or error}"
+        return reason
 
     # -- paths ---------------------------------------------------------------------------
 
@@ -314,6 +309,18 @@ class DirectoryBodyStore:
 
 
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def still_full(root: str, error: OSError, min_free: int) -> str | None:
+    """Why ``root`` still cannot take bodies after ``error``, or None once ``min_free``
+    bytes are free again (``statvfs`` is a cheap local call, made only while full)."""
+    try:
+        st = os.statvfs(root)
+    except OSError:
+        return f"{root}: {error.strerror or error}"
+    if st.f_bavail * st.f_frsize >= min_free:
+        return None
+    return f"{root}: {error.strerror or error}"
 
 
 def is_disk_full(error: object) -> TypeGuard[OSError]:

@@ -60,6 +60,7 @@ from .bodies import (
     _make_dirs,
     is_disk_full,
     open_stored,
+    still_full,
 )
 from .jobs import BodyInfo
 
@@ -410,17 +411,12 @@ class SegmentBodyStore:
         ``min_free`` bytes are free again, so readiness recovers with no job running."""
         if self.legacy is not None and self.write_files:
             return self.legacy.storage_full()
-        error = self._full_error
-        if error is None:
+        if self._full_error is None:
             return None
-        try:
-            st = os.statvfs(self.root)
-        except OSError:
-            return f"{self.root}: {error.strerror or error}"
-        if st.f_bavail * st.f_frsize >= min_free:
+        reason = still_full(self.root, self._full_error, min_free)
+        if reason is None:
             self._full_error = None
-            return None
-        return f"{self.root}: {error.strerror or error}"
+        return reason
 
     # -- reading -------------------------------------------------------------------------
 
