@@ -449,7 +449,7 @@ class SegmentBodyStore:
             raise BodyLostError(job_id, f"its segment {info.segment} is missing") from None
         try:
             gzipped = info.segment.endswith(".gz")
-            _check_record(f, info, gzipped, job_id)
+            check_record(f, info, gzipped, job_id)
             reader = PayloadReader(
                 f,
                 gzipped=gzipped,
@@ -651,7 +651,7 @@ def _repair(path: str, *, gzipped: bool) -> int:
     return size - end
 
 
-def _check_record(f: BinaryIO, info: BodyInfo, gzipped: bool, job_id: str) -> None:
+def check_record(f: BinaryIO, info: BodyInfo, gzipped: bool, job_id: str) -> None:
     """The record is where the row says, whole (cheap: its size, its first and last
     bytes): what a truncated, overwritten or replaced segment fails."""
     size = os.fstat(f.fileno()).st_size

@@ -136,6 +136,30 @@ def warcinfo(filename: str, rid: str, when: float, fields: Iterable[tuple[str, s
     return head + body + TRAILER
 
 
+def metadata(
+    target_uri: str | None,
+    rid: str,
+    when: float,
+    warcinfo_id: str,
+    fields: Iterable[tuple[str, str]],
+) -> bytes:
+    """A whole ``metadata`` record of ``application/warc-fields``: what an export says
+    about a job whose body it could not copy, and about itself at its end."""
+    body = "".join(f"{name}: {_field(value)}\r\n" for name, value in fields).encode("utf-8")
+    head = ["WARC/1.1", "WARC-Type: metadata", f"WARC-Record-ID: {rid}"]
+    head.append(f"WARC-Date: {warc_date(when)}")
+    if target_uri is not None:
+        head.append(f"WARC-Target-URI: {_field(target_uri)}")
+    head += [
+        f"WARC-Warcinfo-ID: {warcinfo_id}",
+        "Content-Type: application/warc-fields",
+        f"Content-Length: {len(body)}",
+        "",
+        "",
+    ]
+    return "\r\n".join(head).encode("utf-8") + body + TRAILER
+
+
 def gzip_member(data: bytes) -> bytes:
     """One whole gzip member: a record compressed alone can be read from its offset."""
     c = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)

@@ -283,6 +283,10 @@ async def test_real_responses_match_the_document(services: ServiceFactory) -> No
     c.check(await s.call("DELETE", f"/v1/jobs/{unknown}"), job_path, "DELETE")
     c.check(await s.call("GET", f"/v1/jobs/{unknown}/body"), body_path, "GET")
     c.check(await s.call("GET", "/metrics"), "/metrics", "GET")
+    exports = [f"/v1/jobs/export.{kind}" for kind in ("warc", "warc.gz", "ndjson")]
+    for export in exports:
+        c.check(await s.call("GET", f"{export}?state=succeeded"), export, "GET")
+        c.check(await s.call("GET", f"{export}?created_since=x"), export, "GET")  # 400
 
     # Authentication: none, an unknown token, a malformed header; another client's job.
     for method, template, path in (
@@ -292,6 +296,7 @@ async def test_real_responses_match_the_document(services: ServiceFactory) -> No
         ("DELETE", job_path, f"/v1/jobs/{ok}"),
         ("GET", body_path, f"/v1/jobs/{ok}/body"),
         ("GET", "/metrics", "/metrics"),
+        *(("GET", export, export) for export in exports),
     ):
         reply = await s.call(method, path, anonymous=True)
         assert reply.status == 401
@@ -334,6 +339,8 @@ async def test_real_responses_match_the_document(services: ServiceFactory) -> No
     c.check(await s.call("DELETE", f"/v1/jobs/{ok}"), job_path, "DELETE")
     c.check(await s.call("GET", f"/v1/jobs/{ok}/body"), body_path, "GET")
     c.check(await s.call("GET", jobs_path), jobs_path, "GET")
+    for export in exports:
+        c.check(await s.call("GET", export), export, "GET")
 
     missing = {r for r in c.documented() - c.covered if r[2] != "500"}
     assert not missing, f"documented but never produced: {sorted(missing)}"

@@ -9,6 +9,7 @@ import pytest
 import pytest_twisted
 
 from curlfetch.jobs import JobState
+from curlfetch.store import JobFilter
 
 from .backends import AnyStore, Backend
 from .conftest import make_job, open_backend, within
@@ -33,7 +34,9 @@ async def test_queued_for_follows_every_write_per_client(backend: Backend) -> No
 
     async def check() -> None:
         for client in ("alice", "bob", "carol"):
-            stored = await within(store.list_jobs(client, JobState.QUEUED, 1000, None))
+            stored = await within(
+                store.list_jobs(client, JobFilter(state=JobState.QUEUED), 1000, None)
+            )
             assert store.queued_for(client) == len(stored), client
         assert store.queued() == sum(store.queued_for(c) for c in ("alice", "bob", "carol"))
 

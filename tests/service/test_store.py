@@ -17,7 +17,7 @@ import pytest_twisted
 from twisted.internet import defer, utils
 
 from curlfetch.jobs import BodyInfo, Job, JobError, JobResult, JobState
-from curlfetch.store import JobStore, SchemaVersionError, StoreClosedError
+from curlfetch.store import JobFilter, JobStore, SchemaVersionError, StoreClosedError
 from curlfetch.store import postgres as store_pg
 from curlfetch.store import sqlite as store_sqlite
 from curlfetch.store.postgres import PostgresJobStore
@@ -94,8 +94,10 @@ async def test_list_is_newest_first_with_a_cursor(store: AnyStore) -> None:
     assert page4 == []
 
     await within(store.cancel("alice", jobs[2].id, T0 + 10))
-    cancelled = await within(store.list_jobs("alice", JobState.CANCELLED, 10, None))
-    queued = await within(store.list_jobs("alice", JobState.QUEUED, 10, None))
+    cancelled = await within(
+        store.list_jobs("alice", JobFilter(state=JobState.CANCELLED), 10, None)
+    )
+    queued = await within(store.list_jobs("alice", JobFilter(state=JobState.QUEUED), 10, None))
     assert [j.id for j in cancelled] == [jobs[2].id]
     assert [j.id for j in queued] == [j.id for j in newest if j.id != jobs[2].id]
 
@@ -425,7 +427,7 @@ async def test_queued_count_follows_every_write(backend: Backend) -> None:
     await within(store.save([attrs.evolve(claimed[0], state=JobState.QUEUED)]))
     await within(store.save([finished(claimed[1], JobState.FAILED, T0)]))
     await check()
-    queued = await within(store.list_jobs("alice", JobState.QUEUED, 2, None))
+    queued = await within(store.list_jobs("alice", JobFilter(state=JobState.QUEUED), 2, None))
     await within(store.cancel("alice", queued[0].id, T0))
     await check()
     await within(store.close())

@@ -1,5 +1,6 @@
 """The REST API v1 (Klein), composed of resources: ``jobs`` (submit, inspect, long-poll,
-download and cancel fetch jobs) and ``ops`` (health, readiness, metrics, the OpenAPI
+download and cancel fetch jobs), ``export`` (the caller's jobs as one WARC or NDJSON
+download) and ``ops`` (health, readiness, metrics, the OpenAPI
 document), over the plumbing in ``http`` (bounded requests, JSON errors, auth, quotas).
 
 Every response is JSON except a job's body and ``/metrics``; every error is
@@ -35,6 +36,7 @@ from ..scheduler import Scheduler
 from ..segments import SegmentBodyStore
 from ..store import JobStore
 from .connections import DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, ApiSite
+from .export import ExportResource
 from .http import (
     DEFAULT_MAX_REQUEST_BYTES,
     REFUSE_GRACE,
@@ -72,7 +74,7 @@ __all__ = [
 
 R = TypeVar("R", bound=ApiResource)
 
-RESOURCES: tuple[type[ApiResource], ...] = (JobsResource, OpsResource)
+RESOURCES: tuple[type[ApiResource], ...] = (JobsResource, ExportResource, OpsResource)
 """Every resource of the API, mounted on ``JobAPI.app`` and documented, in this order."""
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import gatherResults
@@ -43,6 +44,7 @@ from ..store import (
     IdempotencyInProgressError,
     IdempotencyMismatchError,
     IdempotencyRecord,
+    JobFilter,
     StoredResponse,
 )
 from .http import (
@@ -76,6 +78,7 @@ MAX_WAIT = 60.0
 DEFAULT_LIST_LIMIT = 100
 MAX_LIST_LIMIT = 1000
 _DIGITS = re.compile(r"[0-9]{1,9}")
+_NUMBER = re.compile(r"-?[0-9]{1,12}(\.[0-9]{1,9})?")
 _SAFE_CONTENT_TYPE = re.compile(r"[\x20-\x7e]{1,256}\Z")
 
 
@@ -122,6 +125,72 @@ CURSOR = Param(
     pattern="[0-9A-Za-z_-]{1,128}",
     description="`next_cursor` of the previous page (opaque).",
 )
+
+
+def _timestamp(raw: str) -> float:
+    """RFC 3339 (``2026-12-03T10:00:00Z``, an offset, or a date alone: its midnight UTC)
+    or Unix seconds."""
+    if _NUMBER.fullmatch(raw):
+        value = float(raw)
+    else:
+        when = datetime.fromisoformat(raw)
+        if when.tzinfo is None:
+            if "T" in raw or " " in raw:
+                raise ValueError(raw)  # a time without an offset is ambiguous
+            when = when.replace(tzinfo=UTC)
+        value = when.timestamp()
+    if not math.isfinite(value):
+        raise ValueError(raw)
+    return value
+
+
+def _metadata(raw: str) -> tuple[str, str | None]:
+    key, colon, value = raw.partition(":")
+    return key, value if colon else None
+
+
+CREATED_SINCE = Param(
+    "created_since",
+    {"type": "string"},
+    _timestamp,
+    "created_since must be an RFC 3339 time with an offset, a date, or Unix seconds",
+    description="Jobs created at or after this time (RFC 3339, or Unix seconds).",
+)
+CREATED_UNTIL = Param(
+    "created_until",
+    {"type": "string"},
+    _timestamp,
+    "created_until must be an RFC 3339 time with an offset, a date, or Unix seconds",
+    description="Jobs created before this time (RFC 3339, or Unix seconds).",
+)
+METADATA = Param(
+    "metadata",
+    {"type": "string"},
+    _metadata,
+    "metadata must be KEY or KEY:VALUE, KEY of 1-128 letters, digits, '_', '-' or '.'",
+    pattern=r"[A-Za-z0-9_.-]{1,128}(:.{0,1024})?",
+    description=(
+        "`KEY`: jobs whose metadata has that key; `KEY:VALUE`: jobs whose metadata has "
+        "that key with that string value."
+    ),
+)
+FILTERS = (STATE, CREATED_SINCE, CREATED_UNTIL, METADATA)
+"""What the list and the exports select by."""
+
+
+def job_filter(request: IRequest) -> JobFilter:
+    """The filters of a list or export request; 400 ``invalid_request`` naming a bad
+    one."""
+    metadata = METADATA.get(request)
+    return JobFilter(
+        state=STATE.get(request),
+        created_since=CREATED_SINCE.get(request),
+        created_until=CREATED_UNTIL.get(request),
+        metadata_key=None if metadata is None else metadata[0],
+        metadata_value=None if metadata is None else metadata[1],
+    )
+
+
 WAIT = Param(
     "wait",
     {"type": "number", "minimum": 0},
@@ -220,13 +289,17 @@ def _list_doc(api: JobAPI) -> dict[str, Any]:
     return {
         "operationId": "listJobs",
         "summary": "List jobs, newest first, a page at a time.",
-        "parameters": [STATE.doc(), LIMIT.doc(), CURSOR.doc()],
+        "description": (
+            "The filters (state, creation time, a metadata key or key and value) all "
+            "hold for every job listed; the exports take the same."
+        ),
+        "parameters": [*(f.doc() for f in FILTERS), LIMIT.doc(), CURSOR.doc()],
         "responses": {
             "200": {
                 "description": "A page of jobs.",
                 "content": json_content(ref("JobList")),
             },
-            "400": error_response(f"A bad state, limit or cursor. {BAD_AUTH}."),
+            "400": error_response(f"A bad filter, limit or cursor. {BAD_AUTH}."),
             **V1_ERRORS,
         },
     }
@@ -427,10 +500,10 @@ class JobsResource(ApiResource):
     async def list_jobs(self, request: IRequest) -> bytes:
         """Newest first; ``next_cursor`` continues after the last job of this page."""
         client = self.api.client(request)
-        state = STATE.get(request)
+        where = job_filter(request)
         limit = LIMIT.get(request) or DEFAULT_LIST_LIMIT
         cursor = CURSOR.get(request)
-        jobs = await self.api.store.list_jobs(client, state, limit + 1, cursor)
+        jobs = await self.api.store.list_jobs(client, where, limit + 1, cursor)
         next_cursor = jobs[limit - 1].id if len(jobs) > limit else None
         return json_response(
             request, {"jobs": [job_view(j) for j in jobs[:limit]], "next_cursor": next_cursor}

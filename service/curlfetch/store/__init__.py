@@ -40,6 +40,20 @@ abandoned after this bound rather than held until the TTL."""
 
 
 @attrs.frozen
+class JobFilter:
+    """Which of a client's jobs a listing or an export selects; every condition given
+    must hold. ``created_since`` is inclusive and ``created_until`` exclusive (Unix
+    seconds); ``metadata_key`` alone selects jobs whose metadata has that key, with
+    ``metadata_value`` those where it is that string."""
+
+    state: JobState | None = None
+    created_since: float | None = None
+    created_until: float | None = None
+    metadata_key: str | None = None
+    metadata_value: str | None = None
+
+
+@attrs.frozen
 class StoredResponse:
     """The response first given for an Idempotency-Key, replayed for a repeat."""
 
@@ -136,9 +150,10 @@ class JobStore(Protocol):
         """The job, or None if it does not exist or belongs to another client."""
 
     def list_jobs(
-        self, client: str, state: JobState | None, limit: int, before_id: str | None
+        self, client: str, where: JobFilter | None, limit: int, before_id: str | None
     ) -> Deferred[list[Job]]:
-        """A client's jobs, newest first, with ids below ``before_id`` (the cursor)."""
+        """A client's jobs that ``where`` selects, newest first, with ids below
+        ``before_id`` (the cursor)."""
 
     def claim(
         self,

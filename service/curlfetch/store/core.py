@@ -64,6 +64,7 @@ from . import (
     IDEMPOTENCY_TTL,
     IdempotencyInProgressError,
     IdempotencyRecord,
+    JobFilter,
     StoreClosedError,
     StoredResponse,
     StoreUnavailableError,
@@ -516,18 +517,29 @@ class StoreCore(abc.ABC):
         return self._read(get)
 
     def list_jobs(
-        self, client: str, state: JobState | None, limit: int, before_id: str | None
+        self, client: str, where: JobFilter | None, limit: int, before_id: str | None
     ) -> Deferred[list[Job]]:
         p = self.sql.p
-        where = [f"client = {p}"]
+        conditions = [f"client = {p}"]
         params: list[object] = [client]
-        if state is not None:
-            where.append(f"state = {p}")
-            params.append(state.value)
+        where = where or JobFilter()
+        if where.state is not None:
+            conditions.append(f"state = {p}")
+            params.append(where.state.value)
+        if where.created_since is not None:
+            conditions.append(f"created_at >= {p}")
+            params.append(where.created_since)
+        if where.created_until is not None:
+            conditions.append(f"created_at < {p}")
+            params.append(where.created_until)
+        if where.metadata_key is not None:
+            condition, values = self.sql.metadata_match(where.metadata_key, where.metadata_value)
+            conditions.append(condition)
+            params.extend(values)
         if before_id is not None:
-            where.append(f"id < {p}")
+            conditions.append(f"id < {p}")
             params.append(before_id)
-        query = f"{self.sql.select} WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT {p}"
+        query = f"{self.sql.select} WHERE {' AND '.join(conditions)} ORDER BY id DESC LIMIT {p}"
         params.append(max(0, limit))
 
         def list_jobs(conn: Connection) -> tuple[list[Job], Delta]:

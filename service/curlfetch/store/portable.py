@@ -11,7 +11,7 @@ somewhere. Add a new migration instead.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -103,9 +103,18 @@ class PortableSQL:
 
     Built from constant fragments only; every value is a parameter."""
 
-    def __init__(self, p: str, for_update: str, types: Types) -> None:
+    def __init__(
+        self,
+        p: str,
+        for_update: str,
+        types: Types,
+        metadata_match: Callable[[str, str | None], tuple[str, list[object]]],
+    ) -> None:
         self.p = p
         self.types = types
+        self.metadata_match = metadata_match
+        """(condition, parameters) selecting jobs whose metadata has a key (with a
+        value: that string value): JSON functions differ between the backends."""
         self.select = f"SELECT {COLUMNS} FROM jobs"  # noqa: S608
         self.get = f"{self.select} WHERE id = {p} AND client = {p}"
         self.get_for_cancel = (

@@ -53,7 +53,20 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 """Migration N (1-based) brings the schema from version N-1 to N. Append; never edit."""
 
-SQL = PortableSQL("%s", for_update=" FOR UPDATE", types=TYPES)
+
+def _metadata_match(key: str, value: str | None) -> tuple[str, list[object]]:
+    """The metadata column is JSON text: cast per row (a filter, not a hot path); only
+    a JSON string matches a value (``->>`` would turn 5 into '5')."""
+    if value is None:
+        return "(metadata::jsonb -> %s) IS NOT NULL", [key]
+    return "(jsonb_typeof(metadata::jsonb -> %s) = 'string' AND metadata::jsonb ->> %s = %s)", [
+        key,
+        key,
+        value,
+    ]
+
+
+SQL = PortableSQL("%s", for_update=" FOR UPDATE", types=TYPES, metadata_match=_metadata_match)
 
 _DB_NOW = "extract(epoch FROM clock_timestamp())"
 """Leases use the database's clock, shared by every instance (theirs may drift)."""

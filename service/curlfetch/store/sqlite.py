@@ -75,7 +75,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 """Migration N (1-based) brings the schema from version N-1 to N. Append; never edit."""
 
-_SQL = PortableSQL("?", for_update="", types=_TYPES)
+
+def _metadata_match(key: str, value: str | None) -> tuple[str, list[object]]:
+    """SQLite's JSON1: a quoted path step takes any key; only a text value matches a
+    string (json_extract gives numbers as numbers)."""
+    path = '$."' + key.replace('"', '""') + '"'
+    if value is None:
+        return "json_type(metadata, ?) IS NOT NULL", [path]
+    return "(json_type(metadata, ?) = 'text' AND json_extract(metadata, ?) = ?)", [
+        path,
+        path,
+        value,
+    ]
+
+
+_SQL = PortableSQL("?", for_update="", types=_TYPES, metadata_match=_metadata_match)
 # One process owns every running job of the file: they are all its.
 _OWNED_RUNNING = "SELECT id, client FROM jobs WHERE state = 'running'"
 
