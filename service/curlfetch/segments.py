@@ -439,7 +439,9 @@ class SegmentBodyStore:
             if self.legacy is None:
                 raise BodyLostError(job_id, "it was stored by a file body store that is gone")
             file = open_stored(self.legacy, job_id, info.size)
-            return PayloadReader(file, gzipped=False, start=0, size=info.size, job_id=job_id)
+            return PayloadReader(
+                file, gzipped=False, start=0, size=info.size, job_id=job_id, sha256=info.sha256
+            )
         path = self.segment_path(info.segment)
         if path is None:
             raise BodyLostError(job_id, f"its segment {info.segment} is missing")
@@ -458,6 +460,7 @@ class SegmentBodyStore:
                 job_id=job_id,
                 payload_at=info.payload_at,
                 length=info.length,
+                sha256=info.sha256,
             )
             if info.size <= self.memory_limit:
                 reader.verify(info.sha256)
@@ -670,7 +673,10 @@ def check_record(f: BinaryIO, info: BodyInfo, gzipped: bool, job_id: str) -> Non
 class PayloadReader:
     """A file-like ``read``/``close`` over one stored payload, or a range of it
     (``seek_payload``): a plain slice of the segment, or decompressed from the start of
-    its gzip member. Damage found while reading raises ``BodyLostError``."""
+    its gzip member. Damage found while reading raises ``BodyLostError``: a whole
+    payload is hashed as it is read, and the read that would return its last bytes
+    raises instead if the sha256 is not the recorded one, so a reader never gets a
+    complete wrong body (a server then cuts the response short)."""
 
     def __init__(
         self,
@@ -682,8 +688,11 @@ class PayloadReader:
         job_id: str,
         payload_at: int = 0,
         length: int = 0,
+        sha256: str | None = None,
     ) -> None:
         self._f = f
+        self._sha256 = sha256
+        self._digest: Any = None
         self._gzipped = gzipped
         self._start = start
         self._length = length
@@ -700,6 +709,8 @@ class PayloadReader:
         """From here, ``read`` returns payload bytes ``first`` .. ``first + count - 1``."""
         self._left = count
         self._pos = first
+        whole = first == 0 and count == self.size and self._sha256 is not None
+        self._digest = hashlib.sha256() if whole else None
         if not self._gzipped:
             self._f.seek(self._start + self._payload_at + first)
             return
@@ -739,6 +750,10 @@ class PayloadReader:
             data = data[:want]
         self._left -= len(data)
         self._pos += len(data)
+        if self._digest is not None:
+            self._digest.update(data)
+            if self._left <= 0 and self._digest.hexdigest() != self._sha256:
+                raise BodyLostError(self.job_id, "its stored bytes do not match its sha256")
         return data
 
     def verify(self, sha256: str) -> None:

@@ -323,7 +323,17 @@ class _FileProducer:
         request = self._request
         if request is None:
             return
-        data = self._file.read(self.chunk_size)
+        try:
+            data = self._file.read(self.chunk_size)
+        except Exception:
+            # Damage found midway (a stored body whose bytes are not its sha256): the
+            # status is sent, so the honest answer left is a response cut short.
+            log.failure("reading a stored body failed midway; closing the connection")
+            self._request = None
+            self._file.close()
+            request.unregisterProducer()
+            request.loseConnection()
+            return
         if data:
             request.write(data)  # may re-enter resumeProducing: nothing may follow it
             return
