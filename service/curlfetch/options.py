@@ -259,6 +259,8 @@ class Config:
     body_compression: str = "none"
     segment_max_size: int = 1 << 30
     segment_max_age: float = 3600.0
+    max_body_size: int = 100 * 1024 * 1024
+    """The most a job may download (its ``max_body_bytes`` may ask for less)."""
 
     @property
     def quotas(self) -> ClientQuotas:
@@ -311,6 +313,7 @@ _CONVERTERS: dict[str, Callable[[str], object]] = {
     "body-compression": _one_of("none", "gzip"),
     "segment-max-size": _byte_size,
     "segment-max-age": _positive_duration,
+    "max-body-size": _byte_size,
 }
 
 _EGRESS_LISTS: dict[str, tuple[str, Callable[[str], object]]] = {
@@ -488,6 +491,13 @@ class Options(usage.Options):
             "1h",
             "A segment is sealed this long after it was begun, even if idle (at most half "
             "of --retention).",
+        ],
+        [
+            "max-body-size",
+            None,
+            "100MiB",
+            "The largest body a job may download; a job's max_body_bytes may ask for less "
+            "(bodies past 256 KiB stream to disk, so memory does not grow with it).",
         ],
     ]
     optFlags: ClassVar[list[list[Any]]] = [

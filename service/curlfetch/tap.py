@@ -136,7 +136,7 @@ def build_service(reactor: Any, config: Config) -> CurlfetchService:
         store=store,
         scheduler=scheduler,
         bodies=bodies,
-        limits=Limits(),
+        limits=Limits(max_body_bytes=config.max_body_size),
         metrics=metrics,
         max_queued=config.max_queued,
         tokens=config.tokens,

@@ -104,7 +104,9 @@ async def test_jobs_submitted_to_one_instance_are_read_from_another(
     """5,000 jobs submitted to instance 1 run on the instances (each may run 12 at once,
     24 per host in all, so one alone cannot take every slot); instance 2 lists every job
     as succeeded and serves every body, whichever instance wrote it, and the target never
-    saw more than --max-per-host=24 requests at once."""
+    saw more than --max-per-host=24 requests at once. Each instance wrote its own
+    segments (named with its instance id) in the shared directory, and a WARC export
+    from instance 3 copies all 5,000 records."""
     first, second, third = await cluster.start(
         3, "--max-per-host=24", "--max-concurrency=12", "--max-queued=100000"
     )
@@ -135,6 +137,14 @@ async def test_jobs_submitted_to_one_instance_are_read_from_another(
     assert sum(ran) == total
     assert sum(1 for n in ran if n) >= 2
     assert target.root.concurrency.peak <= 24
+    segments = {v["result"]["body"]["warc"]["segment"] for v in views}
+    writers = {re.search(r"-(scale-\d)-\d{5}\.warc$", name)[1] for name in segments}  # type: ignore[index]
+    assert writers == {f"scale-{i}" for i, n in enumerate(ran, 1) if n}
+    export = await third.get("/v1/jobs/export.warc", seconds=60)
+    assert export.status == 200
+    assert export.body.count(b"WARC-Type: response") == total
+    assert b"export-responses: 5000\r\nexport-responses-built: 0\r\n" in export.body
+    assert b"export-complete: true" in export.body
 
 
 @pytest_twisted.ensureDeferred
