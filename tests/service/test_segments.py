@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import pytest_twisted
 from fastwarc.warc import ArchiveIterator as FastIterator
@@ -24,12 +25,14 @@ from twisted.internet.defer import Deferred, gatherResults
 from warcio.archiveiterator import ArchiveIterator
 
 from curlfetch.bodies import BodyLostError, BodyStoreClosedError
-from curlfetch.jobs import BodyInfo, new_job_id
+from curlfetch.jobs import BodyInfo, JobResult, JobState, new_job_id
 from curlfetch.segments import OPEN_SUFFIX, SegmentBodyStore
+from curlfetch.services import SEGMENT_MARGIN, RetentionService
 from curlfetch.warc import ResponseMeta, http_head
 
 from .apiserver import sleep
-from .conftest import reactor, within
+from .backends import Backend
+from .conftest import make_job, open_backend, reactor, within
 
 WARCIO = os.path.join(os.path.dirname(sys.executable), "warcio")
 KIB = 1024
@@ -394,3 +397,52 @@ async def test_close_writes_what_was_handed_over_then_refuses_more(
     with pytest.raises(BodyStoreClosedError):
         await within(late.commit(meta()))
     assert os.listdir(tmp_path / "spool") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_retention_purges_old_jobs_then_the_segments_they_left(
+    backend: Backend, tmp_path: Path, opened: list[SegmentBodyStore]
+) -> None:
+    """On either store, a retention pass deletes jobs finished before the retention and
+    then every sealed segment last written before it (and a margin): the old job's
+    segment goes; a recent job, its body and its segment stay."""
+    store = await open_backend(backend)
+    try:
+        root = tmp_path / "segments"
+        old_writer = make(root, instance="old")
+        opened.append(old_writer)
+        old_info = await put(old_writer, b"old body")
+        await within(old_writer.close())
+        old_segment = root / str(old_info.segment)
+        long_ago = time.time() - 7200 - SEGMENT_MARGIN
+        os.utime(old_segment, (long_ago, long_ago))
+        bodies = make(root, instance="new")
+        opened.append(bodies)
+        new_info = await put(bodies, b"recent body")
+
+        now = reactor().seconds()
+        old, recent = make_job(created_at=now - 8000), make_job(created_at=now - 100)
+        await within(store.add([old, recent]))
+        claimed = {j.id: j for j in await within(store.claim(2, now, []))}
+        done = []
+        for job, info, finished in ((old, old_info, now - 7200), (recent, new_info, now - 60)):
+            result = JobResult(200, "1.1", (), job.spec.url, "127.0.0.1", (), info, {})
+            done.append(
+                attrs.evolve(
+                    claimed[job.id], state=JobState.SUCCEEDED, finished_at=finished, result=result
+                )
+            )
+        await within(store.save(done))
+
+        await within(
+            RetentionService(reactor(), store=store, bodies=bodies, retention=3600).purge()
+        )
+        assert await within(store.get("alice", old.id)) is None
+        assert not old_segment.exists()
+        kept = await within(store.get("alice", recent.id))
+        assert kept is not None
+        assert kept.result is not None
+        assert kept.result.body == new_info
+        assert read_payload(bodies, new_info) == b"recent body"
+    finally:
+        await within(store.close())

@@ -103,6 +103,37 @@ async def test_list_is_newest_first_with_a_cursor(store: AnyStore) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_list_filters_by_creation_time_and_metadata(store: AnyStore) -> None:
+    """Creation time: since is inclusive, until exclusive. Metadata: a key alone selects
+    jobs that have it; a key and value those where it is that string (a number 5 is not
+    "5"; a key with a dot is one key, not a path). Filters combine."""
+    jobs = [
+        make_job(created_at=T0, metadata={"crawl": "a"}),
+        make_job(created_at=T0 + 1, metadata={"crawl": "b", "n": 5}),
+        make_job(created_at=T0 + 2, metadata={"n": "5", "odd.key": "x"}),
+        make_job(created_at=T0 + 3),
+    ]
+    await within(store.add(jobs))
+
+    async def ids(**where: Any) -> list[int]:
+        found = await within(store.list_jobs("alice", JobFilter(**where), 10, None))
+        return [jobs.index(next(j for j in jobs if j.id == f.id)) for f in found]
+
+    assert await ids() == [3, 2, 1, 0]
+    assert await ids(created_since=T0 + 1) == [3, 2, 1]
+    assert await ids(created_until=T0 + 1) == [0]
+    assert await ids(created_since=T0 + 1, created_until=T0 + 3) == [2, 1]
+    assert await ids(metadata_key="crawl") == [1, 0]
+    assert await ids(metadata_key="crawl", metadata_value="b") == [1]
+    assert await ids(metadata_key="n") == [2, 1]
+    assert await ids(metadata_key="n", metadata_value="5") == [2]
+    assert await ids(metadata_key="odd.key", metadata_value="x") == [2]
+    assert await ids(metadata_key="odd") == []
+    assert await ids(metadata_key="crawl", created_since=T0 + 1) == [1]
+    assert await ids(state=JobState.QUEUED, metadata_key="nope") == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_clients_cannot_see_or_cancel_each_others_jobs(store: AnyStore) -> None:
     """Another client's job is unknown to get, list and cancel, and stays as it was."""
     job = make_job("alice")

@@ -77,8 +77,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 
 
 def _metadata_match(key: str, value: str | None) -> tuple[str, list[object]]:
-    """SQLite's JSON1: a quoted path step takes any key; only a text value matches a
-    string (json_extract gives numbers as numbers)."""
+    """SQLite's JSON1: a quoted path step takes a key with dots as one key (the API
+    allows letters, digits, ``_``, ``-`` and ``.``); only a text value matches a string
+    (json_extract gives numbers as numbers)."""
     path = '$."' + key.replace('"', '""') + '"'
     if value is None:
         return "json_type(metadata, ?) IS NOT NULL", [path]
