@@ -41,6 +41,8 @@ MIB = 1024 * KIB
 SMALL_FILE = "1k.bin"
 BIG_FILE = "100m.bin"
 BIG_SIZE = 100 * MIB
+SBIG_FILE = "10m.bin"
+SBIG_SIZE = 10 * MIB
 CURL_PARALLEL_MAX = 300
 
 
@@ -65,6 +67,8 @@ class Plan:
     service_batch: int
     service_posts: int
     service_concurrency: int
+    sbig_n: int
+    sbig_concurrency: int
 
 
 FULL = Plan(
@@ -84,6 +88,8 @@ FULL = Plan(
     service_batch=500,
     service_posts=4,
     service_concurrency=200,
+    sbig_n=200,
+    sbig_concurrency=8,
 )
 QUICK = Plan(
     rounds=1,
@@ -102,6 +108,8 @@ QUICK = Plan(
     service_batch=500,
     service_posts=4,
     service_concurrency=200,
+    sbig_n=50,
+    sbig_concurrency=8,
 )
 
 
@@ -288,12 +296,17 @@ http {{
 
 
 @contextlib.contextmanager
-def nginx(prefix: Path, *, big: bool) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
-    """A one-worker nginx on a free loopback port serving 1k.bin (and 100m.bin)."""
+def nginx(
+    prefix: Path, *, big: bool, sbig: bool = False
+) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """A one-worker nginx on a free loopback port serving 1k.bin (and 100m.bin, and
+    10m.bin)."""
     www = prefix / "www"
     www.mkdir(parents=True)
     (prefix / "tmp").mkdir()
     (www / SMALL_FILE).write_bytes(os.urandom(KIB))
+    if sbig:
+        (www / SBIG_FILE).write_bytes(os.urandom(SBIG_SIZE))
     if big:
         block = os.urandom(MIB)
         with (www / BIG_FILE).open("wb") as f:
@@ -467,7 +480,10 @@ def rotated(items: Sequence[str], round_index: int) -> list[str]:
 SMALL_CLIENTS = ("engine", "curl", "aiohttp", "treq")
 BIG_CLIENTS = ("engine", "curl", "aiohttp", "treq")
 SLOW_CLIENTS = ("engine", "aiohttp", "treq")
-SERVICE_CLIENTS = ("service", "curl")
+SERVICE_CLIENTS = ("service", "service-files", "curl")
+"""The service on its default store (WARC segments), on the file-per-body store of the
+previous release (this issue's starting point), and the curl CLI."""
+SBIG_CLIENTS = ("service", "curl")
 SCALE_CONFIGS = {
     "sqlite x1": ("sqlite", 1),
     "postgres x1": ("postgres", 1),
@@ -476,7 +492,8 @@ SCALE_CONFIGS = {
 }
 SCALE_CONCURRENCY = 100
 """(p): --max-concurrency of each instance; the shared per-host cap is this times K."""
-LABELS = {"curl": "curl CLI"}
+LABELS = {"curl": "curl CLI", "service-files": "service (files)"}
+FILES_STORE = ("--service-arg=--body-store=files",)
 
 
 def req_per_s(run: Run) -> float:
@@ -516,8 +533,10 @@ class Bench:
         work: Path,
         nginx_pid: int,
         profile_to: Path | None = None,
+        service_args: Sequence[str] = (),
     ) -> None:
         self.plan = plan
+        self.service_args = [f"--service-arg={a}" for a in service_args]
         self.port = port
         self.work = work
         self.nginx_pid = nginx_pid
@@ -842,8 +861,9 @@ class Bench:
                         f"({cpu_us_per_req(run):.0f} µs/req)  {describe_failure(run)}"
                     )
                 else:
-                    run = self._service_run(c, None)
-                    out(f"  round {r + 1} {'service':<8} {_service_line(run)}")
+                    extra = FILES_STORE if client == "service-files" else ()
+                    run = self._service_run(c, None, extra)
+                    out(f"  round {r + 1} {LABELS.get(client, client):<15} {_service_line(run)}")
                 runs[client].append(run)
 
         out()
@@ -902,13 +922,21 @@ class Bench:
             summary["service"]["accepted_jobs_s"] = accept
         out()
         s_rate = summary["service"]["per_s"]
+        files_rate = summary["service-files"]["per_s"]
         missed = False
+        if s_rate is None or files_rate is None:
+            out("  floor: segments >= 3x the file store (the starting point): cannot judge")
+        else:
+            out(
+                f"  floor: segments >= 3x the file store (the starting point): "
+                f"{s_rate / files_rate:.2f}x {verdict(s_rate >= 3 * files_rate)}"
+            )
         if s_rate is None or curl_rate is None:
-            out("  target: service >= 0.5x curl CLI's rate end to end: cannot judge, a run failed")
+            out("  goal: service >= 0.5x curl CLI's rate end to end: cannot judge, a run failed")
         else:
             missed = s_rate < 0.5 * curl_rate
             out(
-                f"  target: service >= 0.5x curl CLI's rate end to end: {s_rate / curl_rate:.2f}x "
+                f"  goal: service >= 0.5x curl CLI's rate end to end: {s_rate / curl_rate:.2f}x "
                 f"{verdict(not missed)}"
             )
         out(f"  {probe.summary()}")
@@ -919,13 +947,15 @@ class Bench:
         if missed and self.profile_to is not None:
             self._service_profile(c)
 
-    def _service_run(self, concurrency: int, profile: Path | None) -> Run:
+    def _service_run(
+        self, concurrency: int, profile: Path | None, extra: Sequence[str] = ()
+    ) -> Run:
         p = self.plan
         argv = [
             "--url", self.url(SMALL_FILE), "-n", str(p.service_n),
             "--batch", str(p.service_batch), "--posts", str(p.service_posts),
             "-c", str(concurrency), "--expect-size", str(KIB), "--work", str(self.work),
-            "--timeout", "500",
+            "--timeout", "500", *self.service_args, *extra,
         ]  # fmt: skip
         if profile is not None:
             argv += ["--profile", str(profile), "--top", "15"]
@@ -953,6 +983,139 @@ class Bench:
         )
         for line in profile_lines(profile):
             out(f"  {line}")
+
+    # (s-big) ------------------------------------------------------------------------------
+
+    def service_big(self) -> None:
+        p = self.plan
+        n, c = p.sbig_n, p.sbig_concurrency
+        out(
+            f"(s-big) the job service with large bodies: {n} jobs of 10 MiB through POST "
+            f"/v1/jobs (twistd curlfetch --max-concurrency {c}, bodies durable in the store), "
+            f"against the curl CLI writing the same bodies to files (--parallel-max {c}); "
+            f"{p.rounds} rounds"
+        )
+        disk = self._disk_synced_mb_s()
+        out(f"  this disk's synced write speed: {disk:,.0f} MB/s (dd 512 MiB, conv=fdatasync)")
+        probe = self.probe()
+        runs: dict[str, list[Run]] = {"service": [], "curl": [], "curl+sync": []}
+        url = self.url(SBIG_FILE)
+        for r in range(p.rounds):
+            for client in rotated(SBIG_CLIENTS, r):
+                if client == "curl":
+                    run, synced = self._sbig_curl(url, n, c, self.work / f"sbig-{r}")
+                    runs["curl+sync"].append(synced)
+                    line = (
+                        f"{mb_per_s(run):>7,.0f} MB/s ({mb_per_s(synced):,.0f} with sync)  "
+                        f"{cpu_s_per_gb(run):.2f} CPU s/GB"
+                        if run.wall and run.bytes
+                        else ""
+                    )
+                else:
+                    argv = [
+                        "--url", url, "-n", str(n), "--batch", str(n), "--posts", "1",
+                        "-c", str(c), "--expect-size", str(SBIG_SIZE), "--work", str(self.work),
+                        "--timeout", "500", *self.service_args,
+                    ]  # fmt: skip
+                    run = run_python_client("service", argv, 600, script=BENCH / "service_bench.py")
+                    os.sync()  # its deleted data's write-back must not land on the next run
+                    line = (
+                        f"{mb_per_s(run):>7,.0f} MB/s  {cpu_s_per_gb(run):.2f} CPU s/GB  "
+                        f"peak RSS {run.maxrss_kb / 1024:,.0f} MB"
+                        if run.wall and run.bytes
+                        else ""
+                    )
+                out(
+                    f"  round {r + 1} {LABELS.get(client, client):<9} {line}  "
+                    f"{describe_failure(run)}".rstrip()
+                )
+                runs[client].append(run)
+
+        out()
+        curl_rate = med(runs["curl"], mb_per_s)
+        rows = []
+        summary: dict[str, Any] = {"disk_synced_mb_s": disk}
+        for name, label in (
+            ("service", "service"),
+            ("curl", "curl CLI -o"),
+            ("curl+sync", "curl CLI -o, then sync"),
+        ):
+            mine = runs[name]
+            rate, per_gb = med(mine, mb_per_s), med(mine, cpu_s_per_gb)
+            rss = med(mine, lambda x: x.maxrss_kb / 1024) if name == "service" else None
+            rows.append(
+                [
+                    label,
+                    fmt(rate, ",.0f") + spread(values(mine, mb_per_s)),
+                    fmt(per_gb, ".2f"),
+                    fmt(rss, ",.0f") if rss is not None else "-",
+                    ratio(rate, curl_rate),
+                ]
+            )
+            summary[name] = {"mb_s": rate, "cpu_s_per_gb": per_gb, "peak_rss_mb": rss}
+        out(
+            f"  medians over {p.rounds} round(s); MB = 10^6 bytes; service: first POST to the "
+            "last job's finished_at, CPU and peak RSS (VmHWM) of the twistd process"
+        )
+        table(["", "MB/s", "CPU s/GB", "peak RSS MB", "vs curl"], rows)
+        out()
+        s_rate = summary["service"]["mb_s"]
+        if s_rate is None or curl_rate is None:
+            out("  goal: service >= 0.8x curl CLI MB/s: cannot judge, a run failed")
+        else:
+            out(
+                f"  goal: service >= 0.8x curl CLI MB/s: {s_rate / curl_rate:.2f}x "
+                f"{verdict(s_rate >= 0.8 * curl_rate)}; against curl then sync "
+                f"{ratio(s_rate, summary['curl+sync']['mb_s'])}, against the disk's synced "
+                f"speed {ratio(s_rate, disk)}"
+            )
+        out(f"  {probe.summary()}")
+        self.record["sbig"] = {
+            "summary": summary,
+            "runs": {k: [asdict(x) for x in v] for k, v in runs.items()},
+        }
+
+    def _sbig_curl(self, url: str, n: int, c: int, out_dir: Path) -> tuple[Run, Run]:
+        """curl -o into files, checked; and the same with the time of a ``sync`` after it
+        (what durability costs curl)."""
+        out_dir.mkdir()
+        try:
+            pairs = [(f"{url}?i={i}", str(out_dir / f"body-{i:05d}")) for i in range(n)]
+            run = run_curl_cli(pairs, c, self.work / "sbig.cfg", 600)
+            started = time.monotonic()
+            os.sync()
+            sync_wall = time.monotonic() - started
+            sizes = [
+                path.stat().st_size if path.exists() else -1
+                for path in (out_dir / f"body-{i:05d}" for i in range(n))
+            ]
+        finally:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            os.sync()
+        wrong = [(i, size) for i, size in enumerate(sizes) if size != SBIG_SIZE]
+        run.bytes = sum(max(size, 0) for size in sizes)
+        if not run.failed:
+            run.ok = n - len(wrong)
+            if wrong:
+                run.errors = len(wrong)
+                run.first_error = f"body-{wrong[0][0]:05d}: {wrong[0][1]} bytes on disk"
+        synced = Run(**{**asdict(run), "client": "curl+sync", "wall": run.wall + sync_wall})
+        return run, synced
+
+    def _disk_synced_mb_s(self) -> float:
+        """dd of 512 MiB with fdatasync: what this disk takes durably, for scale."""
+        path = self.work / "dd.bin"
+        started = time.monotonic()
+        subprocess.run(
+            ["dd", "if=/dev/zero", f"of={path}", "bs=1M", "count=512", "conv=fdatasync"],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+        wall = time.monotonic() - started
+        path.unlink()
+        os.sync()
+        return 512 * MIB / 1e6 / wall
 
     # (p) ----------------------------------------------------------------------------------
 
@@ -983,7 +1146,7 @@ class Bench:
                     "--batch", str(p.service_batch), "--posts", str(p.service_posts),
                     "-c", str(c), "--expect-size", str(KIB), "--work", str(self.work),
                     "--timeout", "500", "--backend", backend, "--instances", str(instances),
-                    "--database", database,
+                    "--database", database, *self.service_args,
                 ]  # fmt: skip
                 run = run_python_client("scale", argv, 600, script=BENCH / "scale_bench.py")
                 pg = run.extra.get("postgres_cpu")
@@ -1065,13 +1228,24 @@ def versions() -> str:
     )
 
 
+WORKLOADS = ("a", "b", "c", "d", "s", "sbig", "p")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench/run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small N, one round: a smoke check")
     parser.add_argument(
         "--only",
-        default="a,b,c,d,s",
-        help="workloads to run, e.g. a,b; p (scale-out) only if named",
+        default="a,b,c,d,s,sbig",
+        help="workloads to run, e.g. a,b or s,sbig; p (scale-out) only if named",
+    )
+    parser.add_argument(
+        "--service-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="(s, s-big, p) one more twistd curlfetch option for every service run, "
+        "repeatable: --service-arg=--body-compression=gzip",
     )
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3, quick 1)")
     parser.add_argument(
@@ -1081,8 +1255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     only = {w.strip() for w in args.only.split(",") if w.strip()}
-    if not only or not only <= set("abcdsp"):
-        parser.error("--only takes a comma-separated subset of a,b,c,d,s,p")
+    if not only or not only <= set(WORKLOADS):
+        parser.error(f"--only takes a comma-separated subset of {','.join(WORKLOADS)}")
     plan = QUICK if args.quick else FULL
     if args.rounds is not None:
         if args.rounds < 1:
@@ -1102,20 +1276,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix=f"tmp-{stamp}-", dir=results))
     record: dict[str, Any] = {}
     try:
-        with nginx(work / "nginx", big="b" in only) as (port, proc):
+        with nginx(work / "nginx", big="b" in only, sbig="sbig" in only) as (port, proc):
             out(f"  nginx: 1 worker on 127.0.0.1:{port}, keep-alive, access log off")
             out(f"  work dir {work}")
             profile_to = None if args.no_profile else results / f"{stamp}-service-profile.txt"
-            bench = Bench(plan, port, work, proc.pid, profile_to)
+            bench = Bench(plan, port, work, proc.pid, profile_to, args.service_arg)
             steps = {
                 "a": bench.small,
                 "b": bench.big,
                 "c": bench.slow,
                 "d": bench.soak,
                 "s": bench.service,
+                "sbig": bench.service_big,
                 "p": bench.scale,
             }
-            for key in "abcdsp":
+            for key in WORKLOADS:
                 if key in only:
                     out()
                     steps[key]()

@@ -44,6 +44,7 @@ from bench.service_bench import (
     TWISTD,
     Args,
     Service,
+    add_service_arg,
     drive,
     free_port,
     log,
@@ -74,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> ScaleArgs:
     parser.add_argument("--database", default=DEFAULT_DATABASE, help="a postgresql:// URL")
     parser.add_argument("--work", help="directory for the services' data (default: /tmp)")
     parser.add_argument("--timeout", type=float, default=600.0, help="whole run, seconds")
+    add_service_arg(parser)
     ns = parser.parse_args(argv)
     if ns.n < 1 or ns.batch < 1 or ns.posts < 1 or ns.concurrency < 1 or ns.instances < 1:
         parser.error("-n, --batch, --posts, -c and --instances must be >= 1")
@@ -90,6 +92,7 @@ def parse_args(argv: list[str] | None = None) -> ScaleArgs:
         timeout=ns.timeout,
         profile=None,
         top=0,
+        service_args=tuple(ns.service_arg),
     )
     return ScaleArgs(run, ns.backend, ns.instances, ns.database)
 
@@ -185,7 +188,10 @@ def run(args: ScaleArgs) -> int:
 
     signal.signal(signal.SIGTERM, terminated)
     try:
-        per_host = ["--max-concurrency", str(c), "--max-per-host", str(c * args.instances)]
+        per_host = [
+            "--max-concurrency", str(c), "--max-per-host", str(c * args.instances),
+            *args.run.service_args,
+        ]  # fmt: skip
         if args.backend == "sqlite":
             instances = [Instance(work, "i1", per_host)]
         else:

@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -77,6 +77,8 @@ class Args:
     timeout: float
     profile: str | None
     top: int
+    service_args: tuple[str, ...] = ()
+    """More ``twistd curlfetch`` options for the service under test."""
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
@@ -93,6 +95,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
     parser.add_argument("--timeout", type=float, default=600.0, help="whole run, seconds")
     parser.add_argument("--profile", help="py-spy the service into this file (collapsed)")
     parser.add_argument("--top", type=int, default=15, help="--profile: hotspots shown")
+    add_service_arg(parser)
     ns = parser.parse_args(argv)
     if ns.n < 1 or ns.batch < 1 or ns.posts < 1 or ns.concurrency < 1:
         parser.error("-n, --batch, --posts and --concurrency must be >= 1")
@@ -107,6 +110,17 @@ def parse_args(argv: list[str] | None = None) -> Args:
         timeout=ns.timeout,
         profile=ns.profile,
         top=ns.top,
+        service_args=tuple(ns.service_arg),
+    )
+
+
+def add_service_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--service-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more twistd curlfetch option (repeatable): --service-arg=--body-store=files",
     )
 
 
@@ -129,7 +143,7 @@ class Service:
     """One ``twistd curlfetch`` process on a fresh data directory; ``stop()`` always
     leaves it dead (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, work: Path, concurrency: int) -> None:
+    def __init__(self, work: Path, concurrency: int, extra: Sequence[str] = ()) -> None:
         self.work = work
         self.log_path = work / "twistd.log"
         self.port = free_port()
@@ -143,7 +157,7 @@ class Service:
             "--max-concurrency", str(concurrency), "--max-per-host", str(concurrency),
             "--max-queued", "100000", "--drain-timeout", "2s",
             # The targets are loopback servers, which the default egress policy denies.
-            "--allow-cidr", "127.0.0.0/8", "--allow-port", "1024-65535",
+            "--allow-cidr", "127.0.0.0/8", "--allow-port", "1024-65535", *extra,
         ]  # fmt: skip
         with self.log_path.open("wb") as out:
             self.proc = subprocess.Popen(
@@ -551,7 +565,7 @@ def run(args: Args) -> int:
 
     signal.signal(signal.SIGTERM, terminated)
     try:
-        service = Service(work, args.concurrency)
+        service = Service(work, args.concurrency, args.service_args)
         try:
             asyncio.run(asyncio.wait_for(drive(args, service, result), args.timeout + 60))
         except Exception as e:
