@@ -436,21 +436,20 @@ _THREAD = re.compile(r"^thread \(\d+\): (?P<name>.*?)(?:-\d+-\d+)?$")
 _CONVERSIONS = frozenset(
     {"to_json", "from_json", "spec_from_stored", "insert_row", "save_row", "job_from_row"}
 )
-_STORE = ("service/curlfetch/store/core.py", "service/curlfetch/store/sqlite.py")
+_STORE = ("curlfetch/store/core.py", "curlfetch/store/sqlite.py", "curlfetch/store/postgres.py")
 
 
 def _area(file: str, func: str) -> str | None:
     """The area a frame belongs to, or None for frames that say nothing by themselves
-    (the standard library, attrs-generated code): the caller decides then."""
+    (the standard library, attrs-generated code): the caller decides then. Files are as
+    py-spy names them: ``curlfetch/...`` (an editable install's ``service/`` is cut)."""
+    file = file.removeprefix("service/")
     name = func.rsplit(".", 1)[-1]
-    if file.startswith("service/curlfetch/bodies.py"):
-        return "body files: mkdir, mkstemp, write, fsync, rename (service/curlfetch/bodies.py)"
+    if file in ("curlfetch/segments.py", "curlfetch/bodies.py", "curlfetch/warc.py"):
+        return "body store: WARC records, group commit, fdatasync (segments.py, bodies.py)"
     if file.startswith("json/"):
         return "JSON encode/decode (json.dumps/loads)"
-    if (
-        file in ("service/curlfetch/jobs.py", "service/curlfetch/store/rows.py")
-        and name in _CONVERSIONS
-    ):
+    if file in ("curlfetch/jobs.py", "curlfetch/store/rows.py") and name in _CONVERSIONS:
         return "Job <-> dict/row conversion (jobs.py to_json/from_json, store/rows.py)"
     if file in _STORE and (
         "<locals>" in func or name in ("_run_batch", "run_with_savepoints", "resolve")
@@ -458,16 +457,16 @@ def _area(file: str, func: str) -> str | None:
         return "SQLite statements (store closures, in the pool thread)"
     if file in _STORE:
         return "store queue, reactor side (store/core.py _submit/_flush/_flushed)"
-    if file in ("service/curlfetch/jobs.py", "service/curlfetch/fields.py"):
-        return "job specs: validation, JobSpec.host (service/curlfetch/jobs.py, fields.py)"
-    if file.startswith("service/curlfetch/api/"):
-        return "API routes and job views (service/curlfetch/api/)"
-    if file == "service/curlfetch/scheduler.py":
-        return "scheduler (service/curlfetch/scheduler.py)"
-    if file.startswith("service/curlfetch/engine/"):
-        return "engine: libcurl calls and responses (service/curlfetch/engine)"
-    if file.startswith(("service/curlfetch/metrics.py", "prometheus_client/")):
-        return "metrics (service/curlfetch/metrics.py, prometheus_client)"
+    if file in ("curlfetch/jobs.py", "curlfetch/fields.py"):
+        return "job specs: validation, JobSpec.host (curlfetch/jobs.py, fields.py)"
+    if file.startswith("curlfetch/api/"):
+        return "API routes and job views (curlfetch/api/)"
+    if file == "curlfetch/scheduler.py":
+        return "scheduler (curlfetch/scheduler.py)"
+    if file.startswith("curlfetch/engine/"):
+        return "engine: libcurl calls and responses (curlfetch/engine)"
+    if file.startswith(("curlfetch/metrics.py", "prometheus_client/")):
+        return "metrics (curlfetch/metrics.py, prometheus_client)"
     if file.startswith(("twisted/web/", "klein/", "werkzeug/")):
         return "HTTP server: twisted.web, Klein, werkzeug"
     if file.startswith(("twisted/enterprise/", "twisted/_threads/", "twisted/python/thread")):
@@ -512,7 +511,12 @@ def summarize_profile(path: str, top: int) -> dict[str, Any]:
             if frames:
                 file, func = frames[-1]
                 own[(f"{file} {func}", thread)] += count
-            for name in {f"{file} {func}" for file, func in frames if file.startswith("service/")}:
+            ours = {
+                f"{file.removeprefix('service/')} {func}"
+                for file, func in frames
+                if file.startswith(("curlfetch/", "service/curlfetch/"))
+            }
+            for name in ours:
                 inclusive[name] += count
     if not total:
         return {"samples": 0, "threads": [], "areas": [], "self": [], "inclusive": []}
