@@ -490,7 +490,9 @@ class SegmentBodyStore:
         """At start-up, before writing: truncate each ``.open`` segment to its last whole
         record and seal it; remove spill files. ``stale_after`` (seconds) when the volume
         is shared: only files not written to for that long are another instance's dead
-        ones. Returns (segments repaired, bytes cut, spill files removed)."""
+        ones, unless named with this instance's id (a restart with a fixed
+        ``--instance-id``: its predecessor's, dead). Returns (segments repaired, bytes
+        cut, spill files removed)."""
         cutoff = time.time() - (stale_after or 0.0)
         repaired = cut = 0
         mine = f"-{self.instance}-"  # a fixed --instance-id's own: never another's live one
@@ -509,10 +511,11 @@ class SegmentBodyStore:
         if repaired:
             _fsync_dir(self.root)
         spilled = 0
+        mine_spilled = f"~{self.instance}~"  # <job>~<instance>~<pid>-<n>.spill
         for name in os.listdir(self.spool):
             path = os.path.join(self.spool, name)
             with contextlib.suppress(FileNotFoundError):
-                if stale_after is None or os.stat(path).st_mtime <= cutoff:
+                if stale_after is None or mine_spilled in name or os.stat(path).st_mtime <= cutoff:
                     os.unlink(path)
                     spilled += 1
         return repaired, cut, spilled
@@ -782,7 +785,8 @@ class SegmentWriter(SpillingWriter):
         self._store = store
 
     def _open_spill(self) -> BinaryIO:
-        name = f"{self.job_id}.{os.getpid()}-{next(_spill_numbers)}.spill"
+        # ``~`` is in neither a job id nor an instance id: recover() tells its own apart.
+        name = f"{self.job_id}~{self._store.instance}~{os.getpid()}-{next(_spill_numbers)}.spill"
         path = os.path.join(self._store.spool, name)
         try:
             fd = os.open(path, _CREATE_RW, 0o600)

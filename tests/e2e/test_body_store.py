@@ -462,16 +462,6 @@ async def test_a_killed_instances_open_segment_is_served_by_the_other(
     assert records >= len(sizes)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "segments.py recover() (lines 512-515) removes spill files on a shared volume "
-        "only once older than STALE_SHARED_TEMP (24 h, services.py:45), and spill names "
-        "(segments.py:785, <job>.<pid>-<n>.spill) carry no instance id, so a restart "
-        "with the same --instance-id, which seals its own .open segments at once "
-        "(segments.py:496), leaves its killed predecessor's spill files for a day"
-    ),
-)
 @pytest_twisted.ensureDeferred
 async def test_a_restart_with_the_same_instance_id_removes_its_spill_files(
     daemons: Daemons, target: LoopbackSite, schema: PostgresSchema
@@ -490,7 +480,7 @@ async def test_a_restart_with_the_same_instance_id_removes_its_spill_files(
         assert time.monotonic() < deadline, "the body never spilled"
         await sleep(0.02)
     assert d.proc is not None
-    killed = f".{d.proc.pid}-"
+    killed = f"~{d.proc.pid}-"
     d.kill()
     await d.start(30)
     left = [p.name for p in spool.iterdir() if killed in p.name]

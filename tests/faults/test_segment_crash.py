@@ -169,11 +169,11 @@ async def test_kill_9_while_writing_bodies_loses_nothing_promised(
     await d.start()
     # Recovery ran before the daemon became ready: what the crash left open is sealed
     # (under the name the rows already use), and no spill file of the killed process is
-    # left (spill files are named <job>.<pid>-<n>.spill).
+    # left (spill files are named <job>~<instance>~<pid>-<n>.spill).
     for name in left_open:
         assert not (segments / name).exists(), name
         assert (segments / name.removesuffix(".open")).is_file(), name
-    stale = [p.name for p in (segments / "spool").iterdir() if f".{killed_pid}-" in p.name]
+    stale = [p.name for p in (segments / "spool").iterdir() if f"~{killed_pid}-" in p.name]
     assert stale == []
     states: dict[str, str] = {}
 

@@ -281,7 +281,7 @@ async def test_recover_cuts_a_torn_tail_and_keeps_every_whole_record(
     whole = (tmp_path / "live" / (name + OPEN_SUFFIX)).read_bytes()
     torn = whole[infos[1].offset : infos[1].offset + infos[1].length // 2]
     (crashed / (name + OPEN_SUFFIX)).write_bytes(whole + torn)
-    (crashed / "spool" / "abc.1-1.spill").write_bytes(b"x" * 1000)
+    (crashed / "spool" / "abc~other~1-1.spill").write_bytes(b"x" * 1000)
 
     store = make(crashed, compression=compression)
     opened.append(store)
@@ -295,6 +295,26 @@ async def test_recover_cuts_a_torn_tail_and_keeps_every_whole_record(
     records = list(ArchiveIterator(io.BytesIO(whole), check_digests=True))
     assert len(records) == len(datas) + 1
     assert store.recover() == (0, 0, 0)  # nothing left to do
+
+
+def test_on_a_shared_volume_recover_removes_only_its_own_or_stale_spill_files(
+    tmp_path: Path,
+) -> None:
+    """With ``stale_after`` (a shared volume), recover removes the spill files named with
+    its own instance id (its killed predecessor's, under a fixed ``--instance-id``) and
+    those older than the bound; another instance's fresh spill file stays."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    mine = spool / "abcd~node-a~123-0.spill"
+    other = spool / "abcd~node-a.2~456-0.spill"  # an id that merely starts like ours
+    old = spool / "efgh~node-b~789-0.spill"
+    for path in (mine, other, old):
+        path.write_bytes(b"x")
+    past = time.time() - 7200
+    os.utime(old, (past, past))
+    store = make(tmp_path, instance="node-a")
+    assert store.recover(stale_after=3600) == (0, 0, 2)
+    assert sorted(os.listdir(spool)) == [other.name]
 
 
 @pytest.mark.parametrize("compression", ["none", "gzip"])
