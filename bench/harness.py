@@ -243,6 +243,27 @@ def run_curl_cli(
     return run
 
 
+def body_sizes(out_dir: Path, n: int) -> list[int]:
+    """The sizes of ``body-00000`` .. in ``out_dir`` (-1: missing)."""
+    return [
+        path.stat().st_size if path.exists() else -1
+        for path in (out_dir / f"body-{i:05d}" for i in range(n))
+    ]
+
+
+def judge_bodies(run: Run, sizes: Sequence[int], expected: int, *, counted_here: bool) -> None:
+    """Count a wrong-sized body file as an error; ``counted_here`` (the curl CLI, which
+    reports no bodies of its own): also set ``bytes`` and ``ok`` from the files."""
+    wrong = [(i, size) for i, size in enumerate(sizes) if size != expected]
+    if counted_here:
+        run.bytes = sum(max(size, 0) for size in sizes)
+        run.ok = run.n - len(wrong) if not run.failed else 0
+    if wrong and not run.failed:
+        run.errors = max(run.errors, len(wrong))
+        i, size = wrong[0]
+        run.first_error = run.first_error or f"body-{i:05d}: {size} bytes on disk"
+
+
 # -- servers --------------------------------------------------------------------------------
 
 
@@ -685,22 +706,12 @@ class Bench:
                     "--expect-size", str(BIG_SIZE),
                 ]  # fmt: skip
                 run = run_python_client(client, argv, 600)
-            sizes = [
-                path.stat().st_size if path.exists() else -1
-                for path in (out_dir / f"body-{i:05d}" for i in range(p.big_n))
-            ]
+            sizes = body_sizes(out_dir, p.big_n)
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
             # Write back what the deletion left, so it does not land on the next client.
             os.sync()
-        wrong = [(i, size) for i, size in enumerate(sizes) if size != BIG_SIZE]
-        if client == "curl":
-            run.bytes = sum(max(size, 0) for size in sizes)
-            run.ok = run.n - len(wrong) if not run.failed else 0
-        if wrong and not run.failed:
-            run.errors = max(run.errors, len(wrong))
-            i, size = wrong[0]
-            run.first_error = run.first_error or f"body-{i:05d}: {size} bytes on disk"
+        judge_bodies(run, sizes, BIG_SIZE, counted_here=client == "curl")
         return run
 
     # (c) ----------------------------------------------------------------------------------
@@ -1085,20 +1096,11 @@ class Bench:
             started = time.monotonic()
             os.sync()
             sync_wall = time.monotonic() - started
-            sizes = [
-                path.stat().st_size if path.exists() else -1
-                for path in (out_dir / f"body-{i:05d}" for i in range(n))
-            ]
+            sizes = body_sizes(out_dir, n)
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
             os.sync()
-        wrong = [(i, size) for i, size in enumerate(sizes) if size != SBIG_SIZE]
-        run.bytes = sum(max(size, 0) for size in sizes)
-        if not run.failed:
-            run.ok = n - len(wrong)
-            if wrong:
-                run.errors = len(wrong)
-                run.first_error = f"body-{wrong[0][0]:05d}: {wrong[0][1]} bytes on disk"
+        judge_bodies(run, sizes, SBIG_SIZE, counted_here=True)
         synced = Run(**{**asdict(run), "client": "curl+sync", "wall": run.wall + sync_wall})
         return run, synced
 

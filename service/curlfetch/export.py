@@ -107,7 +107,7 @@ class WarcExport:
             self.counts.responses += 1
         yield from chunks
 
-    def tail(self, complete: bool = True) -> bytes:
+    def tail(self) -> bytes:
         c = self.counts
         return self._metadata(
             None,
@@ -117,7 +117,7 @@ class WarcExport:
                 ("export-responses-built", str(c.built)),
                 ("export-skipped", str(c.skipped)),
                 ("export-no-body", str(c.no_body)),
-                ("export-complete", "true" if complete else "false"),
+                ("export-complete", "true"),
             ],
         )
 

@@ -463,7 +463,7 @@ class SegmentBodyStore:
                 sha256=info.sha256,
             )
             if info.size <= self.memory_limit:
-                reader.verify(info.sha256)
+                reader.verify()
             return reader
         except BaseException:
             f.close()
@@ -695,7 +695,8 @@ class PayloadReader:
     ) -> None:
         self._f = f
         self._sha256 = sha256
-        self._digest: Any = None
+        self._digest: Any = None  # the whole payload's sha256 as it is read
+        self._verified = False
         self._gzipped = gzipped
         self._start = start
         self._length = length
@@ -713,6 +714,7 @@ class PayloadReader:
         self._left = count
         self._pos = first
         whole = first == 0 and count == self.size and self._sha256 is not None
+        whole = whole and not self._verified
         self._digest = hashlib.sha256() if whole else None
         if not self._gzipped:
             self._f.seek(self._start + self._payload_at + first)
@@ -759,13 +761,16 @@ class PayloadReader:
                 raise BodyLostError(self.job_id, "its stored bytes do not match its sha256")
         return data
 
-    def verify(self, sha256: str) -> None:
-        """Read it all and compare with the recorded hash; rewind on success."""
-        digest = hashlib.sha256()
-        while chunk := self.read(1 << 20):
-            digest.update(chunk)
-        if digest.hexdigest() != sha256:
+    def verify(self) -> None:
+        """Read it all (``read`` hashes a whole payload and raises on a mismatch), then
+        rewind; a verified payload is served without being hashed again."""
+        self.seek_payload(0, self.size)
+        while self.read(1 << 20):
+            pass
+        # An empty payload is never read, so its hash is compared here.
+        if self._digest is None or self._digest.hexdigest() != self._sha256:
             raise BodyLostError(self.job_id, "its stored bytes do not match its sha256")
+        self._verified = True
         self.seek_payload(0, self.size)
 
     def close(self) -> None:

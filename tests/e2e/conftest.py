@@ -30,6 +30,7 @@ from twisted.internet.task import deferLater
 from curlfetch.engine import CurlClient, FetchError
 
 from ..engine.servers import LoopbackSite
+from ..service.backends import PostgresSchema, require_postgres
 
 ROOT = Path(__file__).resolve().parents[2]
 TWISTD = Path(sys.executable).with_name("twistd")
@@ -272,6 +273,39 @@ class Daemon:
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
+def rss_kib(pid: int) -> int:
+    """VmRSS of ``pid`` in KiB (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except FileNotFoundError:
+        pass
+    return 0
+
+
+def segment_file(data_dir: Path, name: str) -> Path:
+    """Segment ``name`` of a daemon's data directory, sealed or still ``.open``."""
+    root = data_dir / "segments"
+    for path in (root / name, root / (name + ".open")):
+        if path.is_file():
+            return path
+    raise AssertionError(f"no segment {name} in {sorted(p.name for p in root.iterdir())}")
+
+
+def append_half_record(path: Path, warc: dict[str, Any]) -> int:
+    """Append the first half of the record at ``warc`` (a job view's ``result.body.warc``)
+    to ``path``: the torn write a kill between two writes of a group leaves. The bytes
+    appended."""
+    with open(path, "rb") as f:
+        f.seek(warc["offset"])
+        half = f.read(warc["length"] // 2)
+    with open(path, "ab") as f:
+        f.write(half)
+    return len(half)
+
+
 class Daemons:
     """Makes daemons for one test; stops whatever is still running afterwards."""
 
@@ -308,6 +342,18 @@ def daemons(tmp_path: Path, client: CurlClient) -> Iterator[Daemons]:
     made = Daemons(tmp_path, client)
     yield made
     made.stop_all()
+
+
+@pytest.fixture
+def schema(daemons: Daemons) -> Iterator[PostgresSchema]:
+    """A throwaway schema on the shared test server (dropped after the daemons stop)."""
+    require_postgres()
+    pg = PostgresSchema()
+    try:
+        yield pg
+    finally:
+        daemons.stop_all()
+        pg.drop()
 
 
 @pytest.fixture

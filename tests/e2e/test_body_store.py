@@ -13,7 +13,6 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,8 @@ from warcio.archiveiterator import ArchiveIterator
 from zope.interface import implementer
 
 from ..engine.servers import LoopbackSite, pattern_bytes
-from ..service.backends import PostgresSchema, require_postgres
-from .conftest import Daemon, Daemons, sleep
+from ..service.backends import PostgresSchema
+from .conftest import Daemon, Daemons, append_half_record, rss_kib, segment_file, sleep
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -72,14 +71,6 @@ class Big(resource.Resource):
         return NOT_DONE_YET
 
 
-def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
 class _RssSampler:
     """Samples a process's VmRSS every ``every`` seconds in a thread of its own (so a
     busy reactor, which also serves the target, does not thin the samples out)."""
@@ -93,7 +84,7 @@ class _RssSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append(_rss_kib(self.pid))
+            self.samples.append(rss_kib(self.pid))
             self._stop.wait(self.every)
 
     def __enter__(self) -> _RssSampler:
@@ -121,10 +112,7 @@ def _sha256_file(path: Path) -> tuple[int, str]:
 
 def _segment_payload_sha256(d: Daemon, warc: dict[str, Any], size: int) -> str:
     """The payload's sha256, read from the segment file itself."""
-    root = d.data_dir / "segments"
-    path = root / warc["segment"]
-    if not path.exists():
-        path = root / (warc["segment"] + ".open")
+    path = segment_file(d.data_dir, warc["segment"])
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         f.seek(warc["offset"] + warc["payload_at"])
@@ -156,7 +144,7 @@ async def test_a_200_mib_body_streams_to_disk_with_memory_bounded(
     pid = d.proc.pid
     warm = await d.submit({"url": target.url("/bytes?n=300000")})
     await d.wait_state(warm["id"], {"succeeded"})
-    baseline = _rss_kib(pid)
+    baseline = rss_kib(pid)
     with _RssSampler(pid) as fetching:
         view = await d.submit({"url": target.url("/big"), "timeout": 100})
         done = await d.wait_state(view["id"], {"succeeded", "failed"}, seconds=100)
@@ -182,7 +170,7 @@ async def test_a_200_mib_body_streams_to_disk_with_memory_bounded(
     assert reply.body == chunk[first % MIB : first % MIB + 1000]
 
     copy = tmp_path / "served.bin"
-    before = _rss_kib(pid)
+    before = rss_kib(pid)
     with _RssSampler(pid) as serving:
         started = time.monotonic()
         response = await d.client.fetch(
@@ -198,7 +186,7 @@ async def test_a_200_mib_body_streams_to_disk_with_memory_bounded(
     assert _sha256_file(copy) == (BIG_CHUNKS * MIB, expected.hexdigest())
     assert len(serving.samples) > 10
     assert serving.peak - baseline < 64 * 1024, (baseline, serving.peak)
-    assert _rss_kib(pid) - baseline < 64 * 1024
+    assert rss_kib(pid) - baseline < 64 * 1024
 
 
 @pytest_twisted.ensureDeferred
@@ -247,18 +235,6 @@ async def test_a_file_store_data_dir_keeps_working_on_segments(
     assert b"export-responses: 1\r\n" in export.body
     assert b"export-responses-built: 4\r\n" in export.body
     assert b"export-complete: true\r\n" in export.body
-
-
-@pytest.fixture
-def schema(daemons: Daemons) -> Iterator[PostgresSchema]:
-    """A throwaway schema on the test server, dropped after the daemons stop."""
-    require_postgres()
-    pg = PostgresSchema()
-    try:
-        yield pg
-    finally:
-        daemons.stop_all()
-        pg.drop()
 
 
 _WRITER = re.compile(r"^curlfetch-\d{8}T\d{12}Z-(store-[ab])-\d{5}\.warc(\.gz)?$")
@@ -356,17 +332,6 @@ async def test_two_instances_on_postgresql_serve_each_others_bodies(
     print(f"segment files: {files}")
 
 
-def _append_half_record(path: Path, warc: dict[str, Any]) -> int:
-    """Append the first half of the record at ``warc`` to ``path`` (a torn write); the
-    bytes appended."""
-    with open(path, "rb") as f:
-        f.seek(warc["offset"])
-        half = f.read(warc["length"] // 2)
-    with open(path, "ab") as f:
-        f.write(half)
-    return len(half)
-
-
 @pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_a_killed_instances_open_segment_is_served_by_the_other(
@@ -417,7 +382,7 @@ async def test_a_killed_instances_open_segment_is_served_by_the_other(
     assert len(left_open) == 1, left_open
     sealed = left_open[0].name.removesuffix(".open")
     warc = next(body["warc"] for _, body in promised if body["warc"]["segment"] == sealed)
-    torn = _append_half_record(left_open[0], warc)
+    torn = append_half_record(left_open[0], warc)
 
     await b.start(30)
     for job_id, body in promised:

@@ -26,9 +26,18 @@ import pytest
 from twisted.web import resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from ..e2e.conftest import TERMINAL, Daemon, Daemons, client, daemons, sleep, target
+from ..e2e.conftest import (
+    TERMINAL,
+    Daemon,
+    Daemons,
+    client,
+    daemons,
+    rss_kib,
+    schema,
+    sleep,
+    target,
+)
 from ..engine.servers import LoopbackSite
-from ..service.backends import PostgresSchema, require_postgres
 
 __all__ = [
     "TERMINAL",
@@ -42,6 +51,7 @@ __all__ = [
     "free_port",
     "gate",
     "rss_kib",
+    "schema",
     "sleep",
     "target",
     "until",
@@ -72,18 +82,6 @@ def daemon_pid(daemon: Daemon) -> int:
     """The twistd process's pid (setpriv execs it in place)."""
     assert daemon.proc is not None
     return daemon.proc.pid
-
-
-def rss_kib(pid: int) -> int:
-    """VmRSS of ``pid`` in KiB (0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except FileNotFoundError:
-        pass
-    return 0
 
 
 def fd_count(pid: int) -> int:
@@ -224,15 +222,3 @@ def pg_cluster(daemons: Daemons) -> Iterator[PgCluster]:
     finally:
         daemons.stop_all()
         cluster.destroy()
-
-
-@pytest.fixture
-def schema(daemons: Daemons) -> Iterator[PostgresSchema]:
-    """A throwaway schema on the shared test server (dropped after the daemons stop)."""
-    require_postgres()
-    pg = PostgresSchema()
-    try:
-        yield pg
-    finally:
-        daemons.stop_all()
-        pg.drop()

@@ -11,25 +11,15 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_twisted
 
+from ..e2e.conftest import segment_file
 from ..engine.servers import LoopbackSite
 from .conftest import Daemon, Daemons, sleep, tmpfs
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def _segment_file(daemon: Daemon, record: dict[str, Any]) -> Path:
-    """The segment holding ``record`` (a job view's ``result.body.warc``), open or sealed."""
-    root = daemon.data_dir / "segments"
-    segment: str = record["segment"]
-    for path in (root / segment, root / (segment + ".open")):
-        if path.is_file():
-            return path
-    raise AssertionError(f"no segment {record['segment']} in {sorted(os.listdir(root))}")
 
 
 @pytest_twisted.ensureDeferred
@@ -52,7 +42,7 @@ async def test_damaged_truncated_or_deleted_body_is_410_body_lost(
     damaged, truncated, deleted = views
     records = [v["result"]["body"]["warc"] for v in views]
     assert len({r["segment"] for r in records}) == 1
-    segment = _segment_file(d, records[0])
+    segment = segment_file(d.data_dir, records[0]["segment"])
     fd = os.open(segment, os.O_WRONLY)
     try:
         os.pwrite(fd, b"\0" * 100, records[0]["offset"] + records[0]["payload_at"] + 100_000)

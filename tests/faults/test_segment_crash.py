@@ -29,6 +29,7 @@ import pytest
 import pytest_twisted
 from warcio.archiveiterator import ArchiveIterator
 
+from ..e2e.conftest import append_half_record
 from ..engine.servers import LoopbackSite, pattern_bytes
 from .conftest import TERMINAL, Daemon, Daemons, sleep
 
@@ -93,13 +94,7 @@ def _tear(root: Path, open_name: str, promised: dict[str, dict[str, Any]]) -> in
     """Append the first half of one of the open segment's records to it; the bytes."""
     sealed = open_name.removesuffix(".open")
     warc = next(b["warc"] for b in promised.values() if b["warc"]["segment"] == sealed)
-    path = root / open_name
-    with open(path, "rb") as f:
-        f.seek(warc["offset"])
-        half = f.read(warc["length"] // 2)
-    with open(path, "ab") as f:
-        f.write(half)
-    return len(half)
+    return append_half_record(root / open_name, warc)
 
 
 def _own_record(root: Path, warc: dict[str, Any], url: str) -> str:

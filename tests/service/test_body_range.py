@@ -35,8 +35,10 @@ async def _job(s: Service, size: int) -> dict[str, object]:
 
 
 def _segment(s: Service, name: str) -> Path:
-    path = s.root / "segments" / name
-    return path if path.exists() else path.with_name(name + ".open")
+    """Where the service's body store has segment ``name`` now (sealed or open)."""
+    path = s.bodies.segment_path(name)
+    assert path is not None, name
+    return Path(path)
 
 
 @pytest.mark.parametrize(("store", "compression", "size"), CASES)

@@ -199,10 +199,9 @@ async def test_warc_export_copies_every_stored_record(
         # The very bytes of the stored records: copied, not rebuilt.
         for job_id in ids:
             warc = views[job_id]["result"]["body"]["warc"]
-            segment = s.root / "segments" / warc["segment"]
-            if not segment.exists():
-                segment = segment.with_name(segment.name + ".open")
-            assert _read_at(segment, warc["offset"], warc["length"]) in reply.body
+            segment = s.bodies.segment_path(warc["segment"])
+            assert segment is not None
+            assert _read_at(Path(segment), warc["offset"], warc["length"]) in reply.body
 
     path = tmp_path / f"export.{kind}"
     path.write_bytes(reply.body)
@@ -256,8 +255,9 @@ async def test_a_lost_or_damaged_body_becomes_a_metadata_record(
     ids = await _fetch_all(s, (100, 200, 300))
     views = await _views(s, ids)
     damaged = views[ids[1]]["result"]["body"]["warc"]
-    segment = s.root / "segments" / (damaged["segment"] + ".open")
-    _flip(segment, damaged["offset"] + damaged["payload_at"] + 50)
+    segment = s.bodies.segment_path(damaged["segment"])
+    assert segment is not None
+    _flip(Path(segment), damaged["offset"] + damaged["payload_at"] + 50)
     reply = await _download(s, "/v1/jobs/export.warc")
     assert reply.status == 200
     records = _records(reply.body)
@@ -270,7 +270,7 @@ async def test_a_lost_or_damaged_body_becomes_a_metadata_record(
     assert (tail["export-responses"], tail["export-skipped"]) == ("2", "1")
 
     # The whole segment gone (retention, or by hand): every body is a metadata record.
-    segment.unlink()
+    os.unlink(segment)
     records = _records((await _download(s, "/v1/jobs/export.warc")).body)
     assert [r[0] for r in records] == ["warcinfo"] + ["metadata"] * 4
     assert "missing" in _fields(records[1][2])["curlfetch-body-lost"]

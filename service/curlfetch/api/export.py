@@ -16,8 +16,8 @@ the missing ``export-complete: true`` record), never a short file that looks who
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IPushProducer
@@ -130,14 +130,12 @@ class ExportResource(ApiResource):
         if kind == "ndjson":
             writer = _Views()
         else:
-            writer = _Warc(
-                WarcExport(
-                    api.bodies,
-                    gzip=kind == "warc.gz",
-                    filename=filename,
-                    now=now,
-                    fields=_filter_fields(where),
-                )
+            writer = WarcExport(
+                api.bodies,
+                gzip=kind == "warc.gz",
+                filename=filename,
+                now=now,
+                fields=_filter_fields(where),
             )
         return _Download(
             api,
@@ -150,36 +148,27 @@ class ExportResource(ApiResource):
         )
 
 
-class _Records:
-    """What one format writes: before, per job, after."""
+class _Records(Protocol):
+    """What one format writes: before, per job, after (``WarcExport`` is one)."""
+
+    def head(self) -> bytes: ...
+
+    def job(self, job: Job) -> Iterable[bytes]: ...
+
+    def tail(self) -> bytes: ...
+
+
+class _Views:
+    """NDJSON: nothing before or after, one job view per line."""
 
     def head(self) -> bytes:
         return b""
 
-    def job(self, job: Job) -> Iterable[bytes]:
-        raise NotImplementedError
-
-    def tail(self) -> bytes:
-        return b""
-
-
-class _Views(_Records):
     def job(self, job: Job) -> Iterable[bytes]:
         return (dumps(job_view(job)) + b"\n",)
 
-
-class _Warc(_Records):
-    def __init__(self, export: WarcExport) -> None:
-        self.export = export
-
-    def head(self) -> bytes:
-        return self.export.head()
-
-    def job(self, job: Job) -> Iterator[bytes]:
-        return self.export.job(job)
-
     def tail(self) -> bytes:
-        return self.export.tail()
+        return b""
 
 
 class _GoneError(Exception):
