@@ -11,13 +11,16 @@ dictionary to attack (which is also why short tokens are refused).
 Sources, merged (a token may appear only once across them):
 
 - ``--tokens-file PATH``: one ``client_id:token`` or ``client_id:sha256:<64 hex>`` per
-  line; ``#`` starts a comment line; blank lines are ignored.
+  line; ``#`` starts a comment line; blank lines are ignored. A line
+  ``client_id:whsec_<base64>`` is not a token but that client's webhook signing secret
+  (Standard Webhooks).
 - ``CURLFETCH_TOKENS``: the same entries, comma-separated (only in the environment: a
   secret on the command line is visible to every local user in ``ps``).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import re
@@ -50,6 +53,8 @@ class TokenSet:
     request is the anonymous client ``""``)."""
 
     entries: tuple[tuple[bytes, str], ...] = ()
+    webhook_secrets: Mapping[str, str] = attrs.field(factory=dict)
+    """Per-client webhook signing secrets (``whsec_...``) given with the tokens."""
 
     def __bool__(self) -> bool:
         return bool(self.entries)
@@ -74,6 +79,7 @@ class TokenSet:
         (``tokens.txt line 3``)."""
         seen: dict[bytes, str] = {}
         out: list[tuple[bytes, str]] = []
+        webhook: dict[str, str] = {}
         for where, entry in entries:
             client, sep, secret = entry.strip().partition(":")
             if not sep:
@@ -83,6 +89,15 @@ class TokenSet:
                     f"{where}: the client id must be 1 to 64 of A-Z a-z 0-9 . _ - "
                     "(starting with a letter or digit)"
                 )
+            if secret.startswith(WEBHOOK_SECRET_PREFIX):
+                if not _webhook_secret_ok(secret):
+                    raise TokenError(
+                        f"{where}: a webhook secret is whsec_ and the base64 of 24 to 64 bytes"
+                    )
+                if client in webhook:
+                    raise TokenError(f"{where}: a second webhook secret for {client}")
+                webhook[client] = secret
+                continue
             scheme, sep, hexdigest = secret.partition(":")
             if sep and scheme == "sha256":
                 if not _HEX_DIGEST.match(hexdigest):
@@ -107,7 +122,18 @@ class TokenSet:
                 raise TokenError(f"{where}: the same token is already given at {seen[value]}")
             seen[value] = where
             out.append((value, client))
-        return cls(tuple(out))
+        return cls(tuple(out), webhook)
+
+
+WEBHOOK_SECRET_PREFIX = "whsec_"  # noqa: S105 - a prefix
+
+
+def _webhook_secret_ok(secret: str) -> bool:
+    try:
+        key = base64.b64decode(secret[len(WEBHOOK_SECRET_PREFIX) :], validate=True)
+    except ValueError:
+        return False
+    return 24 <= len(key) <= 64
 
 
 def read_tokens_file(path: str) -> list[tuple[str, str]]:

@@ -18,6 +18,7 @@ import os
 import re
 import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -120,6 +121,95 @@ class RetryPolicy:
     backoff: float
 
 
+JOB_EVENTS = ("job.retrying", "job.succeeded", "job.failed", "job.cancelled")
+BATCH_EVENTS = ("batch.created", "batch.completed")
+EVENT_TYPES = JOB_EVENTS + BATCH_EVENTS
+"""Every event the log records. A job's start is not one: it is not durable news (a
+crash repeats it), and ``GET`` shows it."""
+DEFAULT_JOB_NOTIFY = ("job.succeeded", "job.failed", "job.cancelled")
+DEFAULT_BATCH_NOTIFY = ("batch.completed",)
+
+
+@attrs.frozen
+class Notify:
+    """Where a job's or a batch's webhooks go, and for which events."""
+
+    url: str
+    events: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"url": self.url, "events": list(self.events)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Notify:
+        return cls(data["url"], tuple(data["events"]))
+
+
+def parse_notify(raw: object, limits: Limits, defaults: tuple[str, ...]) -> Notify:
+    """A submitted ``notify``: an http(s) URL checked as a job's is (the egress policy
+    applies when it is delivered) and event types from ``EVENT_TYPES``."""
+    if not isinstance(raw, dict):
+        raise SpecError("notify", 'must be {"url": ..., "events": [...]}')
+    for key in raw:
+        if key not in ("url", "events"):
+            raise SpecError(f"notify.{key}", "unknown field")
+    url = raw.get("url")
+    if not isinstance(url, str) or not url or len(url) > limits.max_url_length:
+        raise SpecError("notify.url", "is required and must be a URL string")
+    try:
+        _check_url(url, limits)
+    except SpecError as e:
+        raise SpecError("notify.url", e.message) from None
+    events = raw.get("events", list(defaults))
+    if (
+        not isinstance(events, list)
+        or not events
+        or any(not isinstance(e, str) or e not in EVENT_TYPES for e in events)
+    ):
+        raise SpecError("notify.events", f"must be a non-empty list of {list(EVENT_TYPES)}")
+    return Notify(url, tuple(dict.fromkeys(events)))
+
+
+@attrs.frozen
+class _Notify(Field):
+    """A job's webhook (see ``parse_notify``)."""
+
+    def bind(self, limits: Limits) -> Check:
+        name = self.name
+
+        def check(raw: Mapping[str, Any], out: dict[str, Any], root: dict[str, Any]) -> None:
+            value = raw.get(name)
+            if value is not None:
+                out[name] = parse_notify(value, limits, DEFAULT_JOB_NOTIFY)
+
+        return check
+
+    def schema(self, limits: Limits) -> dict[str, dict[str, Any]]:
+        return {self.name: notify_schema(DEFAULT_JOB_NOTIFY, self.description)}
+
+    def view(self, limits: Limits) -> dict[str, tuple[dict[str, Any], bool]]:
+        return {self.name: (notify_schema(DEFAULT_JOB_NOTIFY, None), False)}
+
+
+def notify_schema(defaults: tuple[str, ...], description: str | None) -> dict[str, Any]:
+    schema: dict[str, Any] = {
+        "type": "object",
+        "required": ["url"],
+        "additionalProperties": False,
+        "properties": {
+            "url": {"type": "string", "description": "An http or https URL."},
+            "events": {
+                "type": "array",
+                "items": {"type": "string", "enum": list(EVENT_TYPES)},
+                "default": list(defaults),
+            },
+        },
+    }
+    if description:
+        schema["description"] = description
+    return schema
+
+
 @attrs.frozen
 class JobSpec:
     """A validated, normalized job spec. ``to_json`` is the ``request`` of the job view."""
@@ -138,6 +228,7 @@ class JobSpec:
     retry: RetryPolicy
     deadline: float | None
     metadata: dict[str, Any] | None
+    notify: Notify | None = None
     host: str = attrs.field(init=False, eq=False, repr=False)
     """The politeness key: scheme-less host:port, lower-cased. Computed once from ``url``
     (the scheduler and the store read it per job, several times); not part of equality."""
@@ -163,6 +254,8 @@ class JobSpec:
             "retry": {"max_attempts": self.retry.max_attempts, "backoff": self.retry.backoff},
             "deadline": self.deadline,
         }
+        if self.notify is not None:
+            out["notify"] = self.notify.to_json()
         if self.body is not None:
             out["body_base64"] = base64.b64encode(self.body).decode("ascii")
         return out
@@ -430,6 +523,13 @@ SPEC = Table(
             max_bytes=lambda lim: lim.max_metadata_bytes,
             description="Yours; returned unchanged in the job view.",
         ),
+        _Notify(
+            "notify",
+            description=(
+                "A webhook for this job's events, signed per Standard Webhooks with the "
+                "client's secret (see /v1/webhooks/secret)."
+            ),
+        ),
     ),
     description=(
         "One job to run. Only `url` is required; everything else has a default "
@@ -478,6 +578,7 @@ def spec_from_stored(data: Mapping[str, Any], metadata: dict[str, Any] | None) -
         retry=RetryPolicy(retry["max_attempts"], retry["backoff"]),
         deadline=data["deadline"],
         metadata=metadata,
+        notify=Notify.from_json(data["notify"]) if "notify" in data else None,
     )
 
 
@@ -610,10 +711,19 @@ class Job:
     finished_at: float | None = None
     result: JobResult | None = None
     error: JobError | None = None
+    batch: str | None = None
+    """The batch that created it, if it came in one."""
 
     @property
     def deadline_at(self) -> float | None:
         return None if self.spec.deadline is None else self.created_at + self.spec.deadline
+
+
+def rfc3339(ts: float | None) -> str | None:
+    """Unix seconds as an RFC 3339 UTC timestamp with milliseconds (``...T12:00:00.123Z``)."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def new_job_id(now: float | None = None) -> str:

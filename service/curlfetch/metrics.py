@@ -203,6 +203,38 @@ class Metrics:
             registry=r,
         )
 
+        self.deliveries = Counter(
+            "curlfetch_webhook_deliveries",
+            "Webhook delivery attempts by outcome (succeeded, retried, failed: out of "
+            "retries or denied).",
+            ["outcome"],
+            registry=r,
+        )
+        self.delivery_latency = Histogram(
+            "curlfetch_webhook_delivery_latency_seconds",
+            "From the event to its delivery's 2xx.",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.outbox_depth = Gauge(
+            "curlfetch_webhook_outbox_depth",
+            "Webhook deliveries pending or being sent (all instances).",
+            registry=r,
+        )
+        self.outbox_oldest = Gauge(
+            "curlfetch_webhook_outbox_oldest_seconds",
+            "Age of the oldest delivery pending or being sent (0 when none).",
+            registry=r,
+        )
+        self.event_streams = Gauge(
+            "curlfetch_event_streams", "Event streams (GET /v1/events) open now.", registry=r
+        )
+        self.event_streams_cut = Counter(
+            "curlfetch_event_streams_cut",
+            "Event streams cut off because the client did not read.",
+            registry=r,
+        )
+
     # -- wiring ----------------------------------------------------------------------------
 
     def track(self, *, store: _Store, scheduler: _Scheduler, bodies: _Bodies | None = None) -> None:
@@ -255,6 +287,15 @@ class Metrics:
 
     def jobs_submitted(self, count: int) -> None:
         self.submitted.inc(count)
+
+    def delivery_finished(self, outcome: str, seconds: float | None) -> None:
+        self.deliveries.labels(outcome).inc()
+        if seconds is not None:
+            self.delivery_latency.observe(max(0.0, seconds))
+
+    def outbox(self, depth: int, oldest_age: float) -> None:
+        self.outbox_depth.set(depth)
+        self.outbox_oldest.set(oldest_age)
 
     # -- scraping --------------------------------------------------------------------------
 

@@ -261,6 +261,15 @@ class Config:
     segment_max_age: float = 3600.0
     max_body_size: int = 100 * 1024 * 1024
     """The most a job may download (its ``max_body_bytes`` may ask for less)."""
+    max_batch_bytes: int = 64 * 1024 * 1024
+    event_retention: float = 7 * 86400.0
+    events_heartbeat: float = 15.0
+    events_stall_timeout: float = 30.0
+    webhook_concurrency: int = 20
+    webhook_timeout: float = 15.0
+    webhook_backoff: float = 5.0
+    webhook_max_backoff: float = 3600.0
+    webhook_horizon: float = 86400.0
 
     @property
     def quotas(self) -> ClientQuotas:
@@ -314,6 +323,15 @@ _CONVERTERS: dict[str, Callable[[str], object]] = {
     "segment-max-size": _byte_size,
     "segment-max-age": _positive_duration,
     "max-body-size": _byte_size,
+    "max-batch-bytes": _byte_size,
+    "event-retention": _positive_duration,
+    "events-heartbeat": _positive_duration,
+    "events-stall-timeout": _positive_duration,
+    "webhook-concurrency": _count,
+    "webhook-timeout": _positive_duration,
+    "webhook-backoff": _positive_duration,
+    "webhook-max-backoff": _positive_duration,
+    "webhook-horizon": _positive_duration,
 }
 
 _EGRESS_LISTS: dict[str, tuple[str, Callable[[str], object]]] = {
@@ -498,6 +516,47 @@ class Options(usage.Options):
             "100MiB",
             "The largest body a job may download; a job's max_body_bytes may ask for less "
             "(bodies past 256 KiB stream to disk, so memory does not grow with it).",
+        ],
+        [
+            "max-batch-bytes",
+            None,
+            "64MiB",
+            "The largest NDJSON body of POST /v1/batches (up to 100,000 jobs).",
+        ],
+        [
+            "event-retention",
+            None,
+            "7d",
+            "How long the event log keeps events (GET /v1/events resumes within it).",
+        ],
+        [
+            "events-heartbeat",
+            None,
+            "15s",
+            "A comment line on a quiet event stream this often (proxies keep it open).",
+        ],
+        [
+            "events-stall-timeout",
+            None,
+            "30s",
+            "An event stream whose client reads nothing this long is cut off (it resumes "
+            "from the log).",
+        ],
+        ["webhook-concurrency", None, "20", "Webhook deliveries in flight at once."],
+        ["webhook-timeout", None, "15s", "Seconds for one delivery attempt."],
+        [
+            "webhook-backoff",
+            None,
+            "5s",
+            "The wait after a delivery's first failed attempt; doubled after each "
+            "(jittered, at most --webhook-max-backoff; Retry-After if later).",
+        ],
+        ["webhook-max-backoff", None, "1h", "The longest wait between attempts."],
+        [
+            "webhook-horizon",
+            None,
+            "24h",
+            "A delivery is retried until this long after its event, then fails visibly.",
         ],
     ]
     optFlags: ClassVar[list[list[Any]]] = [

@@ -321,8 +321,10 @@ after its group's sync, and a shared volume's file times come from its server's 
 
 
 class RetentionService(TimerService):
-    """Deletes finished jobs older than the retention, and their bodies, periodically
-    (every tenth of the retention, between 1 s and 1 h)."""
+    """Deletes finished jobs older than the retention, and their bodies, and events older
+    than the event retention (with the batches and webhook deliveries that finished
+    before the job retention), periodically (every tenth of the shorter retention,
+    between 1 s and 1 h)."""
 
     def __init__(
         self,
@@ -331,11 +333,14 @@ class RetentionService(TimerService):
         store: JobStore,
         bodies: SegmentBodyStore,
         retention: float,
+        event_retention: float | None = None,
     ) -> None:
-        super().__init__(min(max(retention / 10, 1.0), 3600.0), self.purge)
+        shorter = min(retention, event_retention or retention)
+        super().__init__(min(max(shorter / 10, 1.0), 3600.0), self.purge)
         self.clock = reactor
         self.setName("retention")
         self.retention = retention
+        self.event_retention = event_retention or retention
         self._reactor = reactor
         self._store = store
         self._bodies = bodies
@@ -346,7 +351,10 @@ class RetentionService(TimerService):
 
     async def _purge(self) -> None:
         try:
-            cutoff = self._reactor.seconds() - self.retention
+            now = self._reactor.seconds()
+            cutoff = now - self.retention
+            # Batches and deliveries first: a batch's jobs go with it (store.purge).
+            events = await self._store.purge_loop(now - self.event_retention, cutoff)
             ids = await self._store.purge(cutoff)
             # The rows go first: a crash in between leaves unreferenced bodies, never a
             # job whose body is missing. Unlinking files is for a thread.
@@ -357,12 +365,14 @@ class RetentionService(TimerService):
             segments = await threads.deferToThreadPool(
                 self._reactor, pool, self._bodies.delete_expired, cutoff - SEGMENT_MARGIN
             )
-            if ids or segments:
+            if ids or segments or events:
                 log.info(
-                    "retention: purged {jobs} jobs, {bodies} body files, {segments} segments",
+                    "retention: purged {jobs} jobs, {bodies} body files, {segments} "
+                    "segments, {events} events",
                     jobs=len(ids),
                     bodies=removed,
                     segments=segments,
+                    events=events,
                 )
         except Exception:
             log.failure("retention purge failed")

@@ -44,6 +44,7 @@ from .services import (
 )
 from .store.postgres import PostgresJobStore, default_instance_id
 from .store.sqlite import SQLiteJobStore
+from .webhooks import SenderConfig, WebhookSender
 
 __all__ = ["Options", "build_service", "json_log_observer", "makeService"]
 """``json_log_observer`` too: ``--logger=curlfetch.tap.json_log_observer`` is documented."""
@@ -142,7 +143,27 @@ def build_service(reactor: Any, config: Config) -> CurlfetchService:
         tokens=config.tokens,
         metrics_auth=config.metrics_auth == "token",
         quotas=config.quotas,
+        max_batch_bytes=config.max_batch_bytes,
+        webhook_secrets=config.tokens.webhook_secrets,
+        events_heartbeat=config.events_heartbeat,
+        events_stall_timeout=config.events_stall_timeout,
     )
+    sender = WebhookSender(
+        reactor,
+        store,
+        client,
+        egress=config.egress,
+        metrics=metrics,
+        config=SenderConfig(
+            concurrency=config.webhook_concurrency,
+            timeout=config.webhook_timeout,
+            first_backoff=config.webhook_backoff,
+            max_backoff=config.webhook_max_backoff,
+            horizon=config.webhook_horizon,
+            secrets=config.tokens.webhook_secrets,
+        ),
+    )
+    sender.setName("webhooks")
     # api.site(): a Site whose requests refuse a too-large body before reading it, and
     # whose connections are bounded in number and in time (api/connections.py).
     site = api.site(
@@ -161,7 +182,14 @@ def build_service(reactor: Any, config: Config) -> CurlfetchService:
         LifecycleService("engine", stop=client.close),
         LifecycleService("metrics", metrics.start, metrics.stop),
         scheduler,
-        RetentionService(reactor, store=store, bodies=bodies, retention=config.retention),
+        sender,
+        RetentionService(
+            reactor,
+            store=store,
+            bodies=bodies,
+            retention=config.retention,
+            event_retention=config.event_retention,
+        ),
         http,
     ):
         child.setServiceParent(root)

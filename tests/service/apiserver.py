@@ -25,6 +25,7 @@ from twisted.internet.task import deferLater
 from curlfetch.api import JobAPI
 from curlfetch.auth import TokenSet
 from curlfetch.bodies import DirectoryBodyStore
+from curlfetch.egress import EgressPolicy
 from curlfetch.engine import CurlClient, CurlSocket, Headers
 from curlfetch.jobs import Limits
 from curlfetch.metrics import Metrics
@@ -32,6 +33,7 @@ from curlfetch.quotas import ClientQuotas
 from curlfetch.scheduler import Scheduler, SchedulerConfig
 from curlfetch.segments import SegmentBodyStore
 from curlfetch.store.sqlite import SQLiteJobStore
+from curlfetch.webhooks import SenderConfig, WebhookSender
 from tests.engine.servers import LoopbackSite
 
 from .conftest import reactor
@@ -78,6 +80,13 @@ class Service:
         quotas: ClientQuotas | None = None,
         body_store: str = "segments",
         compression: str = "none",
+        webhook_secrets: Mapping[str, str] | None = None,
+        webhook_egress: EgressPolicy | None = None,
+        webhook_backoff: float = 0.2,
+        webhook_horizon: float = 3600.0,
+        events_heartbeat: float = 15.0,
+        events_stall_timeout: float = 30.0,
+        max_batch_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.reactor = reactor()
         self.root = root
@@ -122,6 +131,25 @@ class Service:
             tokens=TokenSet.parse((c, f"{c}:{t}") for c, t in self.tokens.items()),
             metrics_auth=metrics_auth,
             quotas=quotas,
+            webhook_secrets=webhook_secrets,
+            events_heartbeat=events_heartbeat,
+            events_stall_timeout=events_stall_timeout,
+            max_batch_bytes=max_batch_bytes,
+        )
+        self.sender = WebhookSender(
+            self.reactor,
+            self.store,
+            self.engine,
+            egress=webhook_egress,
+            metrics=self.metrics,
+            config=SenderConfig(
+                first_backoff=webhook_backoff,
+                max_backoff=60.0,
+                horizon=webhook_horizon,
+                timeout=5.0,
+                poll_interval=0.2,
+                secrets=dict(webhook_secrets or {}),
+            ),
         )
         self.http = CurlClient(self.reactor)
         self.target = LoopbackSite(self.reactor)
@@ -135,10 +163,13 @@ class Service:
         self.port_number: int = address.port
         self.base = f"http://127.0.0.1:{self.port_number}"
         self.scheduler.startService()
+        self.sender.startService()
         self.metrics.start()
 
     async def stop(self) -> None:
         try:
+            if self.sender.running:
+                await self.sender.stopService().addTimeout(CALL_TIMEOUT, self.reactor)
             if self.scheduler.running:
                 await self.scheduler.stopService().addTimeout(CALL_TIMEOUT, self.reactor)
             self.metrics.stop()

@@ -248,7 +248,11 @@ async def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
             conn.execute(statement)
         conn.execute("INSERT INTO schema_version VALUES (1, 0)")
         conn.execute(f"ATTACH DATABASE '{tmp_path / 'scratch.sqlite3'}' AS scratch")
-        conn.execute("INSERT INTO jobs SELECT * FROM scratch.jobs")
+        v1 = (
+            "seq, id, client, state, priority, host, created_at, not_before, started_at, "
+            "finished_at, attempts, spec, metadata, result, error, owner, lease_until"
+        )
+        conn.execute(f"INSERT INTO jobs SELECT {v1} FROM scratch.jobs")
     conn.close()
 
     migrated = await open_store(path)

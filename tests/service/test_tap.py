@@ -278,7 +278,8 @@ def test_json_line_is_one_json_object_per_event() -> None:
 
 def test_make_service_builds_the_tree_in_start_order(tmp_path: Path) -> None:
     """makeService creates the data directory and returns the root with its children in
-    start order (store, engine, metrics, scheduler, retention, http), none started."""
+    start order (store, engine, metrics, scheduler, webhooks, retention, http), none
+    started."""
     options = parse(
         [f"--data-dir={tmp_path}/data", "--listen=tcp:0:interface=127.0.0.1", "--retention=1h"]
     )
@@ -290,6 +291,7 @@ def test_make_service_builds_the_tree_in_start_order(tmp_path: Path) -> None:
             "engine",
             "metrics",
             "scheduler",
+            "webhooks",
             "retention",
             "http",
         ]

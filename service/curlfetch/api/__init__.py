@@ -1,7 +1,9 @@
 """The REST API v1 (Klein), composed of resources: ``jobs`` (submit, inspect, long-poll,
-download and cancel fetch jobs), ``export`` (the caller's jobs as one WARC or NDJSON
-download) and ``ops`` (health, readiness, metrics, the OpenAPI
-document), over the plumbing in ``http`` (bounded requests, JSON errors, auth, quotas).
+download and cancel fetch jobs), ``batches`` (a submission as one object: progress,
+long-poll, its jobs, cancel), ``events`` (Server-Sent Events from the durable event
+log), ``webhooks`` (the signing secret, deliveries and their attempts), ``export`` (the
+caller's jobs as one WARC or NDJSON download) and ``ops`` (health, readiness, metrics,
+the OpenAPI document), over the plumbing in ``http`` (bounded requests, JSON errors, auth, quotas).
 
 Every response is JSON except a job's body and ``/metrics``; every error is
 ``{"error": {"code", "message", "field"?}}`` with a precise status. Each route declares
@@ -19,6 +21,7 @@ A new resource is a module with an ``ApiResource`` subclass and one line in
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from klein import Klein
@@ -28,16 +31,19 @@ from twisted.web.resource import IResource
 from twisted.web.server import Site
 
 from ..auth import AuthFailure, TokenSet
-from ..jobs import Limits
+from ..jobs import Limits, rfc3339
 from ..metrics import Metrics
 from ..openapi import build_openapi
 from ..quotas import ClientQuotas, RateLimiter
 from ..scheduler import Scheduler
 from ..segments import SegmentBodyStore
 from ..store import JobStore
+from .batches import BatchesResource
 from .connections import DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, ApiSite
+from .events import EventsResource
 from .export import ExportResource
 from .http import (
+    DEFAULT_MAX_BATCH_BYTES,
     DEFAULT_MAX_REQUEST_BYTES,
     REFUSE_GRACE,
     ApiError,
@@ -51,11 +57,13 @@ from .http import (
 from .jobs import DEFAULT_LIST_LIMIT, MAX_BATCH, MAX_LIST_LIMIT, MAX_WAIT, JobsResource
 from .ops import OpsResource
 from .routes import ApiResource, mount, paths
-from .views import job_view, rfc3339
+from .views import job_view
 from .waiters import JobWaiters
+from .webhooks import WebhooksResource
 
 __all__ = [
     "DEFAULT_LIST_LIMIT",
+    "DEFAULT_MAX_BATCH_BYTES",
     "DEFAULT_MAX_REQUEST_BYTES",
     "MAX_BATCH",
     "MAX_LIST_LIMIT",
@@ -74,7 +82,14 @@ __all__ = [
 
 R = TypeVar("R", bound=ApiResource)
 
-RESOURCES: tuple[type[ApiResource], ...] = (JobsResource, ExportResource, OpsResource)
+RESOURCES: tuple[type[ApiResource], ...] = (
+    JobsResource,
+    BatchesResource,
+    EventsResource,
+    WebhooksResource,
+    ExportResource,
+    OpsResource,
+)
 """Every resource of the API, mounted on ``JobAPI.app`` and documented, in this order."""
 
 
@@ -106,6 +121,10 @@ class JobAPI:
         retry_after: int = 5,
         poll_interval: float = 1.0,
         ping_timeout: float = 5.0,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        webhook_secrets: Mapping[str, str] | None = None,
+        events_heartbeat: float = 15.0,
+        events_stall_timeout: float = 30.0,
     ) -> None:
         self.reactor = reactor
         self.store = store
@@ -123,6 +142,15 @@ class JobAPI:
         self.retry_after = retry_after
         self.poll_interval = poll_interval
         self.ping_timeout = ping_timeout
+        self.max_batch_bytes = max_batch_bytes
+        self.webhook_secrets = dict(webhook_secrets or {})
+        """Per-client webhook secrets from the tokens configuration."""
+        self.events_heartbeat = events_heartbeat
+        self.events_stall_timeout = events_stall_timeout
+        self.event_pulse = JobWaiters(reactor)
+        """Woken (key ``"*"``) whenever events commit: event streams and batch
+        long-polls wait on it."""
+        store.event_listeners.append(lambda: self.event_pulse.notify("*"))
         self.draining = False
         metrics.track(store=store, scheduler=scheduler, bodies=bodies)
         self._components: dict[type[ApiResource], ApiResource] = {
@@ -159,7 +187,9 @@ class JobAPI:
         gate = self._auth_failure if self.tokens else None
         site = ApiSite(
             self.resource(),
-            requestFactory=bounded_request_factory(self.max_request_bytes, self.reactor, gate),
+            requestFactory=bounded_request_factory(
+                self.max_request_bytes, self.reactor, gate, self.max_batch_bytes
+            ),
             header_timeout=header_timeout,
             max_connections=max_connections,
             max_body=self.max_request_bytes,

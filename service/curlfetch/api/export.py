@@ -19,22 +19,20 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.defer import ensureDeferred
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
-from zope.interface import implementer
 
 from ..export import WarcExport
-from ..jobs import Job
+from ..jobs import Job, rfc3339
 from ..openapi import BAD_AUTH, V1_ERRORS, error_response
 from ..store import JobFilter
-from .http import dumps
+from .http import ClientGoneError, PushStream, dumps, wait_resumed
 from .jobs import FILTERS, job_filter
 from .routes import ApiResource, route
-from .views import job_view, rfc3339
+from .views import job_view
 
 if TYPE_CHECKING:
     from . import JobAPI
@@ -171,51 +169,6 @@ class _Views:
         return b""
 
 
-class _GoneError(Exception):
-    """The client went away: stop reading and writing."""
-
-
-@implementer(IPushProducer)
-class _Stream:
-    """Writes to a request, and says when to wait: a push producer the transport
-    pauses when its buffer is full and resumes when it drained."""
-
-    def __init__(self, request: Request) -> None:
-        self.request = request
-        self.paused = False
-        self.stopped = False
-        self._resumed: Deferred[None] | None = None
-        request.registerProducer(self, True)
-        request.notifyFinish().addBoth(lambda _: self.stopProducing())
-
-    def write(self, data: bytes) -> Deferred[None] | None:
-        """Write ``data``; a Deferred to wait on if the client is behind."""
-        if self.stopped:
-            raise _GoneError()
-        if data:
-            self.request.write(data)
-        if self.paused and not self.stopped:
-            self._resumed = Deferred()
-            return self._resumed
-        return None
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        self._wake()
-
-    def stopProducing(self) -> None:
-        self.stopped = True
-        self._wake()
-
-    def _wake(self) -> None:
-        resumed, self._resumed = self._resumed, None
-        if resumed is not None:
-            resumed.callback(None)
-
-
 class _Download(Resource):
     """The 200 answer: headers now, then the records, page by page."""
 
@@ -250,14 +203,14 @@ class _Download(Resource):
         request.setHeader(b"Cache-Control", b"no-store")
         if request.method == b"HEAD":
             return b""
-        stream = _Stream(request)
+        stream = PushStream(request)
         ensureDeferred(self._run(request, stream))
         return NOT_DONE_YET
 
-    async def _run(self, request: Request, stream: _Stream) -> None:
+    async def _run(self, request: Request, stream: PushStream) -> None:
         try:
             await self._write_all(stream)
-        except _GoneError:
+        except ClientGoneError:
             return
         except Exception:
             # Past the status line: the only honest signal left is a cut-short download.
@@ -270,25 +223,20 @@ class _Download(Resource):
         request.unregisterProducer()
         request.finish()
 
-    async def _write_all(self, stream: _Stream) -> None:
+    async def _write_all(self, stream: PushStream) -> None:
         records = self.records
-        await _wait(stream.write(records.head()))
+        await wait_resumed(stream.write(records.head()))
         page = self.first
         while True:
             for job in page:
                 for chunk in records.job(job):
-                    await _wait(stream.write(chunk))
+                    await wait_resumed(stream.write(chunk))
             if len(page) < PAGE:
                 break
             page = await self.api.store.list_jobs(self.client, self.where, PAGE, page[-1].id)
             if stream.stopped:
-                raise _GoneError()
-        await _wait(stream.write(records.tail()))
-
-
-async def _wait(resumed: Deferred[None] | None) -> None:
-    if resumed is not None:
-        await resumed
+                raise ClientGoneError()
+        await wait_resumed(stream.write(records.tail()))
 
 
 def _filter_fields(where: JobFilter) -> list[tuple[str, str]]:

@@ -17,7 +17,7 @@ from typing import IO, Any, Literal, Protocol, TypeVar
 
 from klein import Klein
 from twisted.internet.defer import Deferred, FirstError
-from twisted.internet.interfaces import IDelayedCall, IPullProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPullProducer, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -35,6 +35,9 @@ log = Logger()
 T = TypeVar("T")
 
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_BATCH_BYTES = 64 * 1024 * 1024
+"""``POST /v1/batches`` may send this much NDJSON (100,000 jobs at ~670 bytes each)."""
+BATCH_PATH = b"/v1/batches"
 REFUSE_GRACE = 5.0
 """Seconds an early-refused request's body is still read (and discarded) so that the
 413 reaches the client before the connection closes (closing with unread input would
@@ -126,6 +129,9 @@ class BoundedRequest(Request):
     """
 
     max_body = DEFAULT_MAX_REQUEST_BYTES
+    max_batch_body = DEFAULT_MAX_BATCH_BYTES
+    """The limit of ``POST /v1/batches`` (NDJSON batches are larger; the route checks
+    the media type)."""
     clock: IReactorTime | None = None
     gate: Callable[[IRequest], AuthFailure | None] | None = None
 
@@ -147,6 +153,12 @@ class BoundedRequest(Request):
                 {b"WWW-Authenticate": failure.challenge.encode("ascii")},
             )
             return
+        # The request line is the channel's until the body is in (Twisted sets our
+        # method and path only then).
+        channel = self.channel
+        path = getattr(channel, "_path", b"").split(b"?", 1)[0]
+        if getattr(channel, "_command", b"") == b"POST" and path == BATCH_PATH:
+            self.max_body = max(self.max_body, self.max_batch_body)
         self.content = BoundedContent(self.max_body, length, self._overflowed)
         if length is not None and length > self.max_body:
             # Never ask for a body we refuse (Expect: 100-continue is answered after this).
@@ -206,10 +218,15 @@ def bounded_request_factory(
     max_body: int,
     clock: IReactorTime | None,
     gate: Callable[[IRequest], AuthFailure | None] | None = None,
+    max_batch_body: int = DEFAULT_MAX_BATCH_BYTES,
 ) -> Callable[..., BoundedRequest]:
-    """A ``Site(requestFactory=...)`` for ``BoundedRequest`` with this limit, clock and
+    """A ``Site(requestFactory=...)`` for ``BoundedRequest`` with these limits, clock and
     gate."""
-    attributes: dict[str, object] = {"max_body": max_body, "clock": clock}
+    attributes: dict[str, object] = {
+        "max_body": max_body,
+        "max_batch_body": max_batch_body,
+        "clock": clock,
+    }
     if gate is not None:
         attributes["gate"] = staticmethod(gate)
     cls: type[BoundedRequest] = type("BoundedRequest", (BoundedRequest,), attributes)
@@ -535,3 +552,56 @@ def install_error_handlers(app: Klein) -> None:
     def _internal_error(self: Any, request: IRequest, failure: Failure) -> bytes:
         log.failure("{method} {path} failed", failure, method=request.method, path=request.path)
         return json_response(request, error_json("internal_error", "internal server error"), 500)
+
+
+# -- streamed responses --------------------------------------------------------------------
+
+
+class ClientGoneError(Exception):
+    """The client went away: stop reading and writing."""
+
+
+@implementer(IPushProducer)
+class PushStream:
+    """Writes to a request, and says when to wait: a push producer the transport
+    pauses when its buffer is full and resumes when it drained."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.paused = False
+        self.stopped = False
+        self._resumed: Deferred[None] | None = None
+        request.registerProducer(self, True)
+        request.notifyFinish().addBoth(lambda _: self.stopProducing())
+
+    def write(self, data: bytes) -> Deferred[None] | None:
+        """Write ``data``; a Deferred to wait on if the client is behind."""
+        if self.stopped:
+            raise ClientGoneError()
+        if data:
+            self.request.write(data)
+        if self.paused and not self.stopped:
+            self._resumed = Deferred()
+            return self._resumed
+        return None
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._wake()
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+        self._wake()
+
+    def _wake(self) -> None:
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None and not resumed.called:  # a waiter may have given up
+            resumed.callback(None)
+
+
+async def wait_resumed(resumed: Deferred[None] | None) -> None:
+    if resumed is not None:
+        await resumed

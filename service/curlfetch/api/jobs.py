@@ -19,7 +19,7 @@ import re
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -41,6 +41,7 @@ from ..openapi import (
     ref,
 )
 from ..store import (
+    BatchRecord,
     IdempotencyInProgressError,
     IdempotencyMismatchError,
     IdempotencyRecord,
@@ -174,7 +175,15 @@ METADATA = Param(
         "that key with that string value."
     ),
 )
-FILTERS = (STATE, CREATED_SINCE, CREATED_UNTIL, METADATA)
+BATCH = Param(
+    "batch",
+    {"type": "string"},
+    str,
+    "batch is not a batch id",
+    pattern="[0-9a-f]{32}",
+    description="Jobs of this batch.",
+)
+FILTERS = (STATE, CREATED_SINCE, CREATED_UNTIL, METADATA, BATCH)
 """What the list and the exports select by."""
 
 
@@ -188,6 +197,7 @@ def job_filter(request: IRequest) -> JobFilter:
         created_until=CREATED_UNTIL.get(request),
         metadata_key=None if metadata is None else metadata[0],
         metadata_value=None if metadata is None else metadata[1],
+        batch=BATCH.get(request),
     )
 
 
@@ -446,6 +456,8 @@ class JobsResource(ApiResource):
         data = read_body(request, self.api.max_request_bytes)
         payload = parse_json(data)
         specs, batch = self._parse_submission(payload)
+        if any(spec.notify is not None for spec in specs):
+            await require_secret(self.api, client)
         if key is None:
             return await self._accept(request, client, specs, batch, None)
         fingerprint = hashlib.sha256(data).hexdigest()
@@ -466,8 +478,27 @@ class JobsResource(ApiResource):
         self, request: IRequest, client: str, specs: list[JobSpec], batch: bool, key: str | None
     ) -> bytes:
         """Quotas and backpressure, then store the jobs (and the key's response) and
-        answer 201."""
+        answer 201. A list makes a batch (without metadata or webhooks: ``POST
+        /v1/batches`` takes those)."""
         count = len(specs)
+        self.admit(client, count)
+        now = self.api.reactor.seconds()
+        record = BatchRecord(new_job_id(now), client, now) if batch else None
+        jobs = self.new_jobs(client, specs, now, record)
+        views = [job_view(job) for job in jobs]
+        body = {"jobs": views, "batch": record.id} if record is not None else views[0]
+        response = StoredResponse(
+            201,
+            (("Content-Type", JSON_TYPE), ("Location", job_url(jobs[0].id))),
+            dumps(body),
+        )
+        stored = None if key is None else IdempotencyRecord(client, key, response)
+        await self.commit(client, count, self.api.store.add(jobs, stored, record))
+        return send_stored(request, response, replayed=False)
+
+    def admit(self, client: str, count: int) -> None:
+        """Refuse ``count`` more jobs over the client's quota (429) or the service's
+        queue (503); else take them from the client's rate."""
         self._check_quotas(client, count)
         waiting = self.api.store.queued() + self._adding
         if waiting + count > self.api.max_queued:
@@ -478,23 +509,25 @@ class JobsResource(ApiResource):
                 f"retry later (nothing was accepted)",
                 headers={"Retry-After": str(self.api.retry_after)},
             )
-        now = self.api.reactor.seconds()
+        self.api.rates.take(client, count)
+
+    @staticmethod
+    def new_jobs(
+        client: str, specs: list[JobSpec], now: float, batch: BatchRecord | None
+    ) -> list[Job]:
         # A batch shares a millisecond: sorted ids keep submission order in listings.
         ids = sorted(new_job_id(now) for _ in specs)
-        jobs = [
-            Job(id=job_id, client=client, state=JobState.QUEUED, spec=spec, created_at=now)
+        return [
+            Job(
+                id=job_id,
+                client=client,
+                state=JobState.QUEUED,
+                spec=spec,
+                created_at=now,
+                batch=None if batch is None else batch.id,
+            )
             for job_id, spec in zip(ids, specs, strict=True)
         ]
-        self.api.rates.take(client, count)
-        views = [job_view(job) for job in jobs]
-        response = StoredResponse(
-            201,
-            (("Content-Type", JSON_TYPE), ("Location", job_url(jobs[0].id))),
-            dumps({"jobs": views} if batch else views[0]),
-        )
-        record = None if key is None else IdempotencyRecord(client, key, response)
-        await self._add(client, jobs, record)
-        return send_stored(request, response, replayed=False)
 
     @route("/v1/jobs", "GET", _list_doc)
     async def list_jobs(self, request: IRequest) -> bytes:
@@ -620,12 +653,11 @@ class JobsResource(ApiResource):
             raise _not_found(job_id)
         return job
 
-    async def _add(
-        self, client: str, jobs: list[Job], record: IdempotencyRecord | None = None
-    ) -> None:
-        """Commit ``jobs`` (and ``record``), then wake the scheduler. A client that hangs
-        up meanwhile does not undo (or lose track of) the commit: the add is shielded."""
-        count = len(jobs)
+    async def commit(self, client: str, count: int, added: Deferred[None]) -> None:
+        """Wait for the store to commit ``count`` new jobs (``added``), counting them
+        against backpressure and the client's quota until then, then wake the
+        scheduler. A client that hangs up meanwhile does not undo (or lose track of) the
+        commit: the wait is shielded."""
         self._adding += count
         self._adding_by[client] = self._adding_by.get(client, 0) + count
 
@@ -646,7 +678,7 @@ class JobsResource(ApiResource):
             done()
             return failure
 
-        await shielded(self.api.store.add(jobs, record).addCallbacks(committed, failed))
+        await shielded(added.addCallbacks(committed, failed))
 
     async def _wait_terminal(self, client: str, job_id: str, seconds: float) -> Job:
         deadline = self.api.reactor.seconds() + seconds
@@ -693,6 +725,21 @@ class JobsResource(ApiResource):
             return [JobSpec.from_json(payload, self.api.limits)], False
         except SpecError as e:
             raise _spec_error(e) from None
+
+
+async def require_secret(api: JobAPI, client: str) -> None:
+    """A webhook needs the client's secret to be signed: refuse ``notify`` without one
+    rather than accept deliveries that can only fail."""
+    if client in api.webhook_secrets:
+        return
+    if await api.store.webhook_secret(client) is None:
+        raise ApiError(
+            400,
+            "webhook_secret_missing",
+            "this client has no webhook secret: create one with POST /v1/webhooks/secret "
+            "(or configure it with the tokens)",
+            field="notify",
+        )
 
 
 def _spec_error(e: SpecError) -> ApiError:

@@ -6,18 +6,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
-from ..jobs import SPEC, Job, JobState, Limits
+from ..jobs import SPEC, Job, JobState, Limits, rfc3339
 from ..openapi import HEADER_PAIR, nullable, ref
-
-
-def rfc3339(ts: float | None) -> str | None:
-    """Unix seconds as an RFC 3339 UTC timestamp with milliseconds (``...T12:00:00.123Z``)."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def job_url(job_id: str) -> str:
@@ -43,6 +35,7 @@ def job_view(job: Job) -> dict[str, Any]:
         )
     return {
         "id": job.id,
+        "batch": job.batch,
         "state": job.state.value,
         "created_at": rfc3339(job.created_at),
         "started_at": rfc3339(job.started_at),
@@ -184,6 +177,7 @@ def job_schemas(max_batch: int, limits: Limits) -> dict[str, Any]:
             "type": "object",
             "required": [
                 "id",
+                "batch",
                 "state",
                 "created_at",
                 "started_at",
@@ -197,6 +191,10 @@ def job_schemas(max_batch: int, limits: Limits) -> dict[str, Any]:
             "additionalProperties": False,
             "properties": {
                 "id": {"type": "string"},
+                "batch": {
+                    "type": ["string", "null"],
+                    "description": "The batch it was submitted in (`/v1/batches/{id}`).",
+                },
                 "state": {"enum": [s.value for s in JobState]},
                 "created_at": {"type": "string", "format": "date-time"},
                 "started_at": {
@@ -220,9 +218,12 @@ def job_schemas(max_batch: int, limits: Limits) -> dict[str, Any]:
         },
         "JobBatch": {
             "type": "object",
-            "required": ["jobs"],
+            "required": ["jobs", "batch"],
             "additionalProperties": False,
-            "properties": {"jobs": {"type": "array", "items": ref("Job")}},
+            "properties": {
+                "jobs": {"type": "array", "items": ref("Job")},
+                "batch": {"type": "string", "description": "The batch these jobs make."},
+            },
         },
         "JobList": {
             "type": "object",

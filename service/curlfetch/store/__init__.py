@@ -19,13 +19,35 @@ The package:
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
-from typing import Protocol
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred
 
 from ..jobs import Job, JobState
+
+__all__ = [
+    "IDEMPOTENCY_ABANDONED_AFTER",
+    "IDEMPOTENCY_TTL",
+    "Batch",
+    "BatchRecord",
+    "Delivery",
+    "Event",
+    "EventsExpiredError",
+    "IdempotencyInProgressError",
+    "IdempotencyMismatchError",
+    "IdempotencyRecord",
+    "JobFilter",
+    "JobStore",
+    "SchemaVersionError",
+    "StoreClosedError",
+    "StoreUnavailableError",
+    "StoredResponse",
+]
+
+if TYPE_CHECKING:
+    from .events import Batch, BatchRecord, Delivery, Event
 
 IDEMPOTENCY_TTL = 24 * 3600.0
 """Seconds an Idempotency-Key is remembered (the IETF draft and Stripe: at least 24 h)."""
@@ -51,6 +73,7 @@ class JobFilter:
     created_until: float | None = None
     metadata_key: str | None = None
     metadata_value: str | None = None
+    batch: str | None = None
 
 
 @attrs.frozen
@@ -138,13 +161,28 @@ class JobStore(Protocol):
         reservation another instance took over, so calling it after ``add`` is harmless."""
 
     def add(
-        self, jobs: Sequence[Job], idempotency: IdempotencyRecord | None = None
+        self,
+        jobs: Sequence[Job],
+        idempotency: IdempotencyRecord | None = None,
+        batch: BatchRecord | None = None,
     ) -> Deferred[None]:
         """Insert ``jobs`` (all ``queued``) in one transaction; fires once committed.
         With ``idempotency``, the reserved key's response is recorded in the same
         transaction, so a key never points at jobs that were not stored. If this
         instance no longer holds the reservation (released, or taken over as abandoned),
-        it fails with ``IdempotencyInProgressError`` and stores nothing."""
+        it fails with ``IdempotencyInProgressError`` and stores nothing. With ``batch``,
+        its row and its ``batch.created`` event go in the same transaction."""
+
+    def add_stream(
+        self,
+        client: str,
+        chunks: Callable[[], Iterator[Sequence[Job]]],
+        total: int,
+        batch: BatchRecord,
+        idempotency: IdempotencyRecord | None = None,
+    ) -> Deferred[None]:
+        """``add`` for a batch too large to hold in memory: ``chunks`` is called in the
+        database thread and yields the jobs a few at a time, in one transaction."""
 
     def get(self, client: str, job_id: str) -> Deferred[Job | None]:
         """The job, or None if it does not exist or belongs to another client."""
@@ -200,6 +238,53 @@ class JobStore(Protocol):
         """Delete terminal jobs finished before the time; fires with their ids. Also drops
         Idempotency-Keys older than ``IDEMPOTENCY_TTL``."""
 
+    # -- batches, events, the webhook outbox (``curlfetch.store.loop``) --------------------
+
+    event_listeners: list[Callable[[], None]]
+
+    def get_batch(self, client: str, batch_id: str) -> Deferred[Batch | None]: ...
+    def list_batches(
+        self, client: str, limit: int, before_id: str | None
+    ) -> Deferred[list[Batch]]: ...
+    def cancel_batch(
+        self, client: str, batch_id: str, now: float
+    ) -> Deferred[tuple[Batch, list[str]] | None]: ...
+    def events_start(self) -> Deferred[tuple[int, int]]: ...
+    def events_after(
+        self,
+        client: str,
+        after: tuple[int, int],
+        limit: int,
+        batch: str | None = None,
+        types: Collection[str] | None = None,
+    ) -> Deferred[list[Event]]: ...
+    def claim_deliveries(
+        self, limit: int, now: float, lease: float
+    ) -> Deferred[list[Delivery]]: ...
+    def finish_delivery(
+        self,
+        delivery_id: str,
+        *,
+        state: str,
+        next_at: float,
+        finished_at: float | None,
+        error: str | None,
+        attempt: dict[str, Any],
+        keep: int = 50,
+    ) -> Deferred[bool]: ...
+    def reap_deliveries(self, now: float, *, own: bool = False) -> Deferred[int]: ...
+    def get_delivery(self, client: str, delivery_id: str) -> Deferred[Delivery | None]: ...
+    def list_deliveries(
+        self, client: str, state: str | None, limit: int, before_id: str | None
+    ) -> Deferred[list[Delivery]]: ...
+    def retry_delivery(
+        self, client: str, delivery_id: str, now: float
+    ) -> Deferred[tuple[Delivery | None, bool]]: ...
+    def delivery_stats(self) -> Deferred[tuple[int, float | None]]: ...
+    def webhook_secret(self, client: str) -> Deferred[str | None]: ...
+    def set_webhook_secret(self, client: str, secret: str, now: float) -> Deferred[None]: ...
+    def purge_loop(self, events_before: float, finished_before: float) -> Deferred[int]: ...
+
     def requeue_orphans(self, alive: Collection[str]) -> Deferred[list[str]]:
         """Put back to ``queued`` the jobs this store's process holds as ``running``
         (on PostgreSQL: owned by this instance) whose ids are not in ``alive``: a claim
@@ -207,3 +292,7 @@ class JobStore(Protocol):
         The caller passes every job it has claimed and not yet seen saved, and calls this
         only while no claim of its own is outstanding. Fires with the ids requeued
         (attempts kept: at-least-once)."""
+
+
+# Last: ``events`` (through ``portable``) imports the errors above.
+from .events import Batch, BatchRecord, Delivery, Event, EventsExpiredError  # noqa: E402

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import abc
 from collections import Counter
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -70,6 +70,8 @@ from . import (
     StoreUnavailableError,
 )
 from .claims import Caps
+from .events import BatchRecord, Recorder, batch_created
+from .loop import LoopMethods
 from .portable import Connection, PortableSQL
 from .rows import QueuedCounts, dumps, job_from_row, judge_key
 
@@ -114,6 +116,8 @@ class Op:
     """The value is ``(value, counts)``: ``counts`` replaces the queued counters."""
     retry: bool = False
     """Run again (with backoff) until committed when the database fails under it."""
+    events: bool = False
+    """It may write events: tell the event listeners once its batch has committed."""
     tries: int = 0
 
 
@@ -158,7 +162,7 @@ class Clock(Protocol):
     def seconds(self) -> float: ...
 
 
-class StoreCore(abc.ABC):
+class StoreCore(LoopMethods):
     """The ``JobStore`` (see ``curlfetch.store``) over a backend's connection.
 
     ``transactions`` counts committed batches; ``skipped_saves`` counts saved jobs that
@@ -188,6 +192,9 @@ class StoreCore(abc.ABC):
         self._failed_batches = 0  # in a row: the backoff's exponent
         self.retried_ops = 0
         """Operations run again after the database failed under them."""
+        self.event_listeners: list[Callable[[], None]] = []
+        """Called on the reactor after a batch that may have written events committed
+        here (and, on PostgreSQL, when another instance says it wrote some)."""
 
     # -- what a backend brings ---------------------------------------------------------------
 
@@ -200,10 +207,10 @@ class StoreCore(abc.ABC):
         """Connect, migrate, and requeue what was left running: (how many, the queued
         count per client). On failure, the backend has disconnected."""
 
-    def _started(self) -> None:  # noqa: B027 - an optional hook
+    def _started(self) -> None:
         """The store is open: start timers and listeners."""
 
-    async def _quiesce(self) -> None:  # noqa: B027 - an optional hook
+    async def _quiesce(self) -> None:
         """Closing: stop what submits work of its own (timers, listeners)."""
 
     @abc.abstractmethod
@@ -231,10 +238,10 @@ class StoreCore(abc.ABC):
         """The query (and its parameters) of the ``(id, client)`` of every job this
         store holds as ``running``: all of them on SQLite, this instance's on PostgreSQL."""
 
-    def _submitted(self) -> None:  # noqa: B027 - an optional hook
+    def _submitted(self) -> None:
         """An operation was queued (PostgreSQL orders its reads after it)."""
 
-    def _settled(self, count: int) -> None:  # noqa: B027 - an optional hook
+    def _settled(self, count: int) -> None:
         """A batch of ``count`` operations has committed or failed."""
 
     @abc.abstractmethod
@@ -242,8 +249,13 @@ class StoreCore(abc.ABC):
         """What inserts the jobs, in the database thread (within ``add``'s operation)."""
 
     @abc.abstractmethod
-    def _saver(self, jobs: Sequence[Job]) -> Work:
-        """The operation that saves the jobs; its value: how many were left alone."""
+    def _updater(self, jobs: Sequence[Job]) -> Callable[[Any], tuple[set[str], Delta]]:
+        """What updates the saved jobs' rows, in the database thread: the ids it updated
+        (the others were no longer ``running`` for this store) and the queued delta."""
+
+    def _tell_events(self, conn: Any) -> None:
+        """In the database thread: this transaction wrote events (other instances may be
+        streaming them)."""
 
     @abc.abstractmethod
     def _claim(
@@ -252,9 +264,7 @@ class StoreCore(abc.ABC):
         """Claim with the backend's SQL; ``caps`` when the caller gave a per-host or
         per-client cap."""
 
-    def _cancelled_running(  # noqa: B027 - an optional hook
-        self, conn: Any, job_id: str, owner: str | None
-    ) -> None:
+    def _cancelled_running(self, conn: Any, job_id: str, owner: str | None) -> None:
         """In the database thread: a running job of ``owner`` was just cancelled."""
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -329,13 +339,14 @@ class StoreCore(abc.ABC):
         lock: bool = False,
         recount: bool = False,
         retry: bool = False,
+        events: bool = False,
     ) -> Deferred[Any]:
         """An operation for the next batch."""
         if not self._opened or self._closing:
             return self._closed()
         self._submitted()
         d: Deferred[Any] = Deferred()
-        self._pending.append(Op(work, d, write, lock, recount, retry))
+        self._pending.append(Op(work, d, write, lock, recount, retry, events))
         self._schedule()
         return d
 
@@ -364,6 +375,8 @@ class StoreCore(abc.ABC):
             return
         self._failed_batches = 0
         self.transactions += 1
+        if any(op.events for op in ops):
+            self.events_committed()
         for op, outcome in zip(ops, result, strict=True):
             value = outcome.value
             if op.recount and outcome.ok:
@@ -380,6 +393,14 @@ class StoreCore(abc.ABC):
         self._settled(len(ops))
         self._schedule()
         self._check_idle()
+
+    def events_committed(self) -> None:
+        """Wake whoever waits for events (streams, webhook senders)."""
+        for listener in list(self.event_listeners):
+            try:
+                listener()
+            except Exception:
+                log.failure("an event listener failed")
 
     def _batch_failed(self, failure: Failure, ops: list[Op]) -> int:
         """Hold the batch's retried operations for another run after a backoff; fail the
@@ -478,16 +499,53 @@ class StoreCore(abc.ABC):
         return self._submit(release)
 
     def add(
-        self, jobs: Sequence[Job], idempotency: IdempotencyRecord | None = None
+        self,
+        jobs: Sequence[Job],
+        idempotency: IdempotencyRecord | None = None,
+        batch: BatchRecord | None = None,
     ) -> Deferred[None]:
         for job in jobs:
             if job.state is not JobState.QUEUED:
                 return fail(ValueError(f"job {job.id} is {job.state}, not queued"))
         if not jobs and idempotency is None:
             return succeed(None)
-        insert = self._inserter(jobs) if jobs else None
-        clients = Counter(job.client for job in jobs)
-        record, sql, owner = idempotency, self.sql, self.owner
+        chunk = list(jobs)
+        return self._add(
+            lambda: iter([chunk] if chunk else []),
+            Counter(job.client for job in jobs),
+            idempotency,
+            batch,
+            len(chunk),
+        )
+
+    def add_stream(
+        self,
+        client: str,
+        chunks: Callable[[], Iterator[Sequence[Job]]],
+        total: int,
+        batch: BatchRecord,
+        idempotency: IdempotencyRecord | None = None,
+    ) -> Deferred[None]:
+        """``add`` for a batch too large to hold: ``chunks`` yields its jobs a few at a
+        time, in the database thread, inside the one transaction (all or nothing)."""
+        return self._add(chunks, {client: total}, idempotency, batch, total)
+
+    def _add(
+        self,
+        chunks: Callable[[], Iterator[Sequence[Job]]],
+        clients: Mapping[str, int],
+        record: IdempotencyRecord | None,
+        batch: BatchRecord | None,
+        total: int,
+    ) -> Deferred[None]:
+        sql, owner, loop, inserter, tell = (
+            self.sql,
+            self.owner,
+            self.loop,
+            self._inserter,
+            self._tell_events,
+        )
+        delta = dict(clients)
 
         def add(conn: Connection) -> Result:
             if record is not None:
@@ -499,13 +557,16 @@ class StoreCore(abc.ABC):
                     raise IdempotencyInProgressError(
                         f"Idempotency-Key {record.key!r} is no longer reserved by this store"
                     )
-            if insert is not None:
-                insert(conn)
+            if batch is not None:
+                batch_created(Recorder(conn, loop, batch.created_at), batch, total)
+                tell(conn)
+            for jobs in chunks():
+                inserter(jobs)(conn)
             # The insert fails only as a statement (a duplicate id), which the batch
             # reports: nothing to wait for here.
-            return Later(lambda: (None, clients))
+            return Later(lambda: (None, delta))
 
-        return self._submit(add)
+        return self._submit(add, events=batch is not None)
 
     def get(self, client: str, job_id: str) -> Deferred[Job | None]:
         query = self.sql.get
@@ -532,6 +593,9 @@ class StoreCore(abc.ABC):
         if where.created_until is not None:
             conditions.append(f"created_at < {p}")
             params.append(where.created_until)
+        if where.batch is not None:
+            conditions.append(f"batch = {p}")
+            params.append(where.batch)
         if where.metadata_key is not None:
             condition, values = self.sql.metadata_match(where.metadata_key, where.metadata_value)
             conditions.append(condition)
@@ -576,19 +640,32 @@ class StoreCore(abc.ABC):
     def save(self, jobs: Sequence[Job]) -> Deferred[None]:
         """Only jobs still ``running`` (on PostgreSQL: and owned by this instance) are
         updated: a job cancelled while it ran stays cancelled, and an instance whose lease
-        expired cannot overwrite the next run. Both are counted in ``skipped_saves``."""
+        expired cannot overwrite the next run. Both are counted in ``skipped_saves``.
+        The events of the saved jobs, their webhooks and the ends of their batches are
+        written in the same transaction (a save run again after a lost COMMIT finds its
+        rows saved already, and writes none twice)."""
         if not jobs:
             return succeed(None)
+        update = self._updater(jobs)
+        batch, loop, tell, now = list(jobs), self.loop, self._tell_events, self._reactor.seconds()
+
+        def save(conn: Connection) -> tuple[int, Delta]:
+            saved, delta = update(conn)
+            recorder = Recorder(conn, loop, now)
+            recorder.finish_batches(recorder.jobs(j for j in batch if j.id in saved))
+            if recorder.events:
+                tell(conn)
+            return len(batch) - len(saved), delta
 
         def skipped(count: int) -> None:
             self.skipped_saves += count
 
-        return self._submit(self._saver(jobs), retry=True).addCallback(skipped)
+        return self._submit(save, retry=True, events=True).addCallback(skipped)
 
     def cancel(self, client: str, job_id: str, now: float) -> Deferred[Job | None]:
         """A running job owned by another instance is cancelled here, and its owner told
         (``_cancelled_running``), so that it stops the transfer."""
-        sql, told = self.sql, self._cancelled_running
+        sql, told, loop, tell = self.sql, self._cancelled_running, self.loop, self._tell_events
 
         def cancel(conn: Connection) -> tuple[Job | None, Delta]:
             row = conn.execute(sql.get_for_cancel, (job_id, client)).fetchone()
@@ -601,9 +678,13 @@ class StoreCore(abc.ABC):
             assert after is not None
             if job.state is JobState.RUNNING:
                 told(conn, job_id, owner)
-            return job_from_row(after), ({client: -1} if job.state is JobState.QUEUED else NONE)
+            cancelled = job_from_row(after)
+            recorder = Recorder(conn, loop, now)
+            recorder.finish_batches(recorder.jobs([cancelled]))
+            tell(conn)
+            return cancelled, ({client: -1} if job.state is JobState.QUEUED else NONE)
 
-        return self._submit(cancel)
+        return self._submit(cancel, events=True)
 
     def counts(self) -> Deferred[dict[JobState, int]]:
         def counts(conn: Connection) -> tuple[dict[JobState, int], Delta]:
@@ -646,6 +727,7 @@ class StoreCore(abc.ABC):
 
         def purge(conn: Connection) -> tuple[list[str], Delta]:
             conn.execute(sql.key_purge, (expired_before,))
-            return [row[0] for row in conn.execute(sql.purge, (finished_before,))], NONE
+            rows = conn.execute(sql.purge, (finished_before, finished_before))
+            return [row[0] for row in rows], NONE
 
         return self._submit(purge)

@@ -128,9 +128,13 @@ class PortableSQL:
             "UPDATE jobs SET state = 'queued', owner = NULL, lease_until = NULL "  # noqa: S608
             f"WHERE id = {p} AND state = 'running' RETURNING client"
         )
+        # A batch's jobs stay while their batch runs or finished since the cutoff (its
+        # counts stay whole), and go once it is older or gone.
         self.purge = (
             "DELETE FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled') "  # noqa: S608
-            f"AND finished_at < {p} RETURNING id"
+            f"AND finished_at < {p} AND NOT EXISTS (SELECT 1 FROM batches AS b "
+            f"WHERE b.id = jobs.batch AND (b.finished_at IS NULL OR b.finished_at >= {p})) "
+            "RETURNING id"
         )
         self.key_get = (
             "SELECT fingerprint, state, owner, created_at, status, headers, body "  # noqa: S608

@@ -95,13 +95,17 @@ from ..jobs import Job, JobState
 from . import SchemaVersionError, StoreClosedError, StoreUnavailableError
 from .claims import Caps
 from .core import NONE, Delta, Later, Op, Outcome, StoreCore, Work, resolve
+from .events import LoopSQL, cursor_of
 from .portable import migrate
 from .postgres_sql import (
     CANCEL_CHANNEL,
     CLAIM_PICKED,
     CLAIM_SIMPLE,
+    EVENTS_CHANNEL,
+    EVENTS_START,
     INSERT,
     LOCK_MIGRATE,
+    LOOP,
     MIGRATIONS,
     OWNED_RUNNING,
     REAP,
@@ -549,6 +553,7 @@ class PostgresJobStore(StoreCore):
                 with self._connect() as conn:
                     conn.execute(f"LISTEN {WAKE_CHANNEL}")
                     conn.execute(f"LISTEN {CANCEL_CHANNEL}")
+                    conn.execute(f"LISTEN {EVENTS_CHANNEL}")
                     backoff = 0.5
                     self._reactor.callFromThread(self._listening, True)
                     while not stop.is_set():
@@ -566,6 +571,7 @@ class PostgresJobStore(StoreCore):
         self.listening = up
         if up:
             self._wake()  # notifications may have been missed while it was down
+            self.events_committed()
 
     def _notified(self, channel: str, payload: str) -> None:
         try:
@@ -576,6 +582,8 @@ class PostgresJobStore(StoreCore):
             return  # another deployment sharing the database
         if channel == WAKE_CHANNEL and message.get("from") != self.instance_id:
             self._wake()
+        elif channel == EVENTS_CHANNEL and message.get("from") != self.instance_id:
+            self.events_committed()
         elif channel == CANCEL_CHANNEL and message.get("owner") == self.instance_id:
             callback = self.on_cancelled
             if callback is not None:
@@ -597,7 +605,7 @@ class PostgresJobStore(StoreCore):
     def _inserter(self, jobs: Sequence[Job]) -> Callable[[Any], None]:
         """One ``INSERT ... SELECT FROM unnest(...)`` for any number of jobs, and a wake-up
         for the other instances."""
-        columns = unnest_columns([insert_row(job) for job in jobs], 14)
+        columns = unnest_columns([insert_row(job) for job in jobs], 15)
         schema, me = self.schema, self.instance_id
 
         def insert(conn: Conn) -> None:
@@ -606,25 +614,35 @@ class PostgresJobStore(StoreCore):
 
         return insert
 
-    def _saver(self, jobs: Sequence[Job]) -> Work:
-        columns = unnest_columns([save_row(job) for job in jobs], 8)
-        count = len(jobs)
+    def _updater(self, jobs: Sequence[Job]) -> Callable[[Any], tuple[set[str], Delta]]:
+        """One ``UPDATE ... FROM unnest(...)`` for any number of jobs; its RETURNING says
+        which were still ours (a round trip: the events need it)."""
+        columns = unnest_columns([save_row(job) for job in jobs], 10)
         me, schema = self.instance_id, self.schema
         requeues = any(job.state is JobState.QUEUED for job in jobs)
 
-        def save(conn: Conn) -> Later:
-            cursor = conn.execute(SAVE, (*columns, me))
+        def update(conn: Conn) -> tuple[set[str], Delta]:
+            rows = conn.execute(SAVE, (*columns, me)).fetchall()
             if requeues:
                 notify(conn, WAKE_CHANNEL, schema, me)  # e.g. a drain hands its jobs over
+            back = Counter(c for _, c, state in rows if state == JobState.QUEUED.value)
+            return {job_id for job_id, _, _ in rows}, back
 
-            def finish() -> tuple[int, Delta]:
-                rows = cursor.fetchall()
-                back = Counter(c for c, state in rows if state == JobState.QUEUED.value)
-                return count - len(rows), back
+        return update
 
-            return Later(finish)
+    @property
+    def loop(self) -> LoopSQL:
+        return LOOP
 
-        return save
+    @property
+    def delivery_owner(self) -> str:
+        return self.instance_id
+
+    def _events_start(self, conn: Conn) -> tuple[int, int]:
+        return cursor_of(conn.execute(EVENTS_START).fetchone())
+
+    def _tell_events(self, conn: Conn) -> None:
+        notify(conn, EVENTS_CHANNEL, self.schema, self.instance_id)
 
     def _claim(
         self, limit: int, now: float, skip_hosts: Collection[str], caps: Caps | None

@@ -17,12 +17,14 @@ from psycopg.rows import TupleRow
 
 from .claims import Caps, Picker
 from .core import Op, Outcome, resolve, run_with_savepoints
+from .events import LoopSQL, batches_table, deliveries_table, events_tables, jobs_columns
 from .portable import PortableSQL, Types, idempotency_keys_table, jobs_table
 from .rows import COLUMNS, dumps
 
 Conn = psycopg.Connection[TupleRow]
 
 WAKE_CHANNEL = "curlfetch_wake"
+EVENTS_CHANNEL = "curlfetch_events"
 CANCEL_CHANNEL = "curlfetch_cancel"
 LOCK_MIGRATE = 0x43460001
 """Advisory lock keys (the second key is ``hashtext`` of the schema name)."""
@@ -50,6 +52,18 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         idempotency_keys_table(TYPES),
         "CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at)",
     ),
+    # 2: batches, the event log and the webhook outbox (see ``events``): an event
+    # carries its transaction's id, so that readers can wait for older transactions.
+    (
+        *jobs_columns(),
+        *batches_table(TYPES),
+        *events_tables(
+            "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+            "BIGINT NOT NULL DEFAULT txid_current()",
+            TYPES,
+        ),
+        *deliveries_table(TYPES),
+    ),
 )
 """Migration N (1-based) brings the schema from version N-1 to N. Append; never edit."""
 
@@ -67,6 +81,16 @@ def _metadata_match(key: str, value: str | None) -> tuple[str, list[object]]:
 
 
 SQL = PortableSQL("%s", for_update=" FOR UPDATE", types=TYPES, metadata_match=_metadata_match)
+LOOP = LoopSQL(
+    "%s",
+    for_update=" FOR UPDATE",
+    skip_locked=" FOR UPDATE SKIP LOCKED",
+    # Only transactions older than every one still running: nothing can join them.
+    horizon=" AND txid < txid_snapshot_xmin(txid_current_snapshot())",
+)
+EVENTS_START = "SELECT txid_snapshot_xmin(txid_current_snapshot()) - 1, 9223372036854775807"
+"""A new stream starts after the transactions that are over; a running one's events
+may still come."""
 
 _DB_NOW = "extract(epoch FROM clock_timestamp())"
 """Leases use the database's clock, shared by every instance (theirs may drift)."""
@@ -76,22 +100,24 @@ _J_COLUMNS = ", ".join(f"j.{c.strip()}" for c in COLUMNS.split(","))
 # The SQL is built from these constant fragments only; every value is a parameter.
 INSERT = (
     "INSERT INTO jobs (id, client, state, priority, host, created_at, not_before, "
-    "started_at, finished_at, attempts, spec, metadata, result, error) "
+    "started_at, finished_at, attempts, spec, metadata, result, error, batch) "
     "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::int[], %s::text[], "
     "%s::float8[], %s::float8[], %s::float8[], %s::float8[], %s::int[], %s::text[], "
-    "%s::text[], %s::text[], %s::text[])"
+    "%s::text[], %s::text[], %s::text[], %s::text[])"
 )
 
 # The columns of ``rows.save_row``, the id last.
 SAVE = (
     "UPDATE jobs AS j SET state = v.state, attempts = v.attempts, not_before = v.not_before, "
     "started_at = v.started_at, finished_at = v.finished_at, result = v.result, "
-    "error = v.error, owner = NULL, lease_until = NULL "
+    "error = v.error, bytes = v.bytes, error_code = v.error_code, owner = NULL, "
+    "lease_until = NULL "
     "FROM unnest(%s::text[], %s::int[], %s::float8[], %s::float8[], %s::float8[], "
-    "%s::text[], %s::text[], %s::text[]) "
-    "AS v(state, attempts, not_before, started_at, finished_at, result, error, id) "
+    "%s::text[], %s::text[], %s::int8[], %s::text[], %s::text[]) "
+    "AS v(state, attempts, not_before, started_at, finished_at, result, error, bytes, "
+    "error_code, id) "
     "WHERE j.id = v.id AND j.state = 'running' AND j.owner = %s "
-    "RETURNING j.client, j.state"
+    "RETURNING j.id, j.client, j.state"
 )
 
 _CLAIM_SET = (

@@ -41,6 +41,7 @@ def insert_row(job: Job) -> tuple[object, ...]:
         None if spec.metadata is None else dumps(spec.metadata),
         None if job.result is None else dumps(job.result.to_json()),
         None if job.error is None else dumps(job.error.to_json()),
+        job.batch,
     )
 
 
@@ -54,13 +55,15 @@ def save_row(job: Job) -> tuple[object, ...]:
         job.finished_at,
         None if job.result is None else dumps(job.result.to_json()),
         None if job.error is None else dumps(job.error.to_json()),
+        None if job.result is None or job.result.body is None else job.result.body.size,
+        None if job.error is None else job.error.name,
         job.id,
     )
 
 
 COLUMNS = (
     "seq, id, client, state, created_at, not_before, started_at, finished_at, attempts, "
-    "spec, metadata, result, error"
+    "spec, metadata, result, error, batch"
 )
 """What ``job_from_row`` reads, in its order."""
 
@@ -80,6 +83,7 @@ def job_from_row(row: Sequence[Any]) -> Job:
         metadata,
         result,
         error,
+        batch,
     ) = row
     return Job(
         id=job_id,
@@ -93,6 +97,7 @@ def job_from_row(row: Sequence[Any]) -> Job:
         finished_at=finished_at,
         result=None if result is None else JobResult.from_json(json.loads(result)),
         error=None if error is None else JobError.from_json(json.loads(error)),
+        batch=batch,
     )
 
 

@@ -52,6 +52,14 @@ from .core import (
     Work,
     run_with_savepoints,
 )
+from .events import (
+    LoopSQL,
+    batches_table,
+    cursor_of,
+    deliveries_table,
+    events_tables,
+    jobs_columns,
+)
 from .portable import PortableSQL, Types, idempotency_keys_table, jobs_table, migrate
 from .rows import COLUMNS, claimed, insert_row, save_row
 
@@ -72,6 +80,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         idempotency_keys_table(_TYPES),
         "CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at)",
     ),
+    # 3: batches, the event log and the webhook outbox (see ``events``). Event ids are
+    # never reused (AUTOINCREMENT): a resume after a purge of the newest must not match
+    # a later event.
+    (
+        *jobs_columns(),
+        *batches_table(_TYPES),
+        *events_tables("INTEGER PRIMARY KEY AUTOINCREMENT", "INTEGER NOT NULL DEFAULT 0", _TYPES),
+        *deliveries_table(_TYPES),
+    ),
 )
 """Migration N (1-based) brings the schema from version N-1 to N. Append; never edit."""
 
@@ -91,19 +108,20 @@ def _metadata_match(key: str, value: str | None) -> tuple[str, list[object]]:
 
 
 _SQL = PortableSQL("?", for_update="", types=_TYPES, metadata_match=_metadata_match)
+_LOOP = LoopSQL("?", for_update="", skip_locked="", horizon="")
 # One process owns every running job of the file: they are all its.
 _OWNED_RUNNING = "SELECT id, client FROM jobs WHERE state = 'running'"
 
 _INSERT = (
     "INSERT INTO jobs (id, client, state, priority, host, created_at, not_before, "
-    "started_at, finished_at, attempts, spec, metadata, result, error) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "started_at, finished_at, attempts, spec, metadata, result, error, batch) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 _SAVE = (
     "UPDATE jobs SET state = ?, attempts = ?, not_before = ?, started_at = ?, "
-    "finished_at = ?, result = ?, error = ?, owner = NULL, lease_until = NULL "
-    "WHERE id = ? AND state = 'running'"
+    "finished_at = ?, result = ?, error = ?, bytes = ?, error_code = ?, owner = NULL, "
+    "lease_until = NULL WHERE id = ? AND state = 'running'"
 )
 
 _CLAIM = (
@@ -269,21 +287,34 @@ class SQLiteJobStore(StoreCore):
 
         return insert
 
-    def _saver(self, jobs: Sequence[Job]) -> Work:
+    def _updater(self, jobs: Sequence[Job]) -> Callable[[Any], tuple[set[str], Delta]]:
+        """One UPDATE per job (its rowcount says whether it was still running): the
+        events need to know which were saved."""
         batch = list(jobs)
 
-        def save(conn: sqlite3.Connection) -> tuple[int, Delta]:
-            requeued: dict[str, list[tuple[object, ...]]] = {}
-            for j in batch:
-                if j.state is JobState.QUEUED:
-                    requeued.setdefault(j.client, []).append(save_row(j))
-            others = [save_row(j) for j in batch if j.state is not JobState.QUEUED]
-            # One executemany per client: its rowcount is that client's requeued jobs.
-            back = {c: conn.executemany(_SAVE, rows).rowcount for c, rows in requeued.items()}
-            rest = conn.executemany(_SAVE, others).rowcount if others else 0
-            return len(batch) - sum(back.values()) - rest, back
+        def update(conn: sqlite3.Connection) -> tuple[set[str], Delta]:
+            saved: set[str] = set()
+            back: dict[str, int] = {}
+            for job in batch:
+                if conn.execute(_SAVE, save_row(job)).rowcount == 1:
+                    saved.add(job.id)
+                    if job.state is JobState.QUEUED:
+                        back[job.client] = back.get(job.client, 0) + 1
+            return saved, back
 
-        return save
+        return update
+
+    @property
+    def loop(self) -> LoopSQL:
+        return _LOOP
+
+    @property
+    def delivery_owner(self) -> str:
+        """One process owns the file: whatever it finds ``sending`` at start is its own."""
+        return "local"
+
+    def _events_start(self, conn: sqlite3.Connection) -> tuple[int, int]:
+        return cursor_of(conn.execute(_LOOP.events_newest).fetchone())
 
     def _claim(
         self, limit: int, now: float, skip_hosts: Collection[str], caps: Caps | None
