@@ -27,7 +27,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from ..jobs import EVENT_TYPES, rfc3339
 from ..openapi import BAD_AUTH, V1_ERRORS, error_response
-from ..store import Event, EventsExpiredError
+from ..store import Event, EventsExpiredError, StoreClosedError
 from ..store.events import parse_event_id
 from .http import ApiError, ClientGoneError, PushStream, dumps, query
 from .jobs import BATCH
@@ -189,10 +189,12 @@ class _EventStream(Resource):
         api = self.api
         pulse = api.event_pulse
         pulse.watch("*")
+        # A client that hangs up while the stream waits: wake it to notice.
+        request.notifyFinish().addBoth(lambda _: pulse.notify("*"))
         try:
             await self._write(b"retry: 2000\n: curlfetch events\n\n")
             beat_at = api.reactor.seconds() + api.events_heartbeat
-            while not self.ending:
+            while not self.ending and not stream.stopped:
                 seen = pulse.version("*")
                 try:
                     events = await api.store.events_after(
@@ -216,6 +218,13 @@ class _EventStream(Resource):
                     continue
                 await pulse.wait("*", min(beat_at - now, api.poll_interval), seen)
         except ClientGoneError:
+            return
+        except StoreClosedError:
+            # Stopping (or the database is down): end it; the client resumes elsewhere.
+            if not stream.stopped:
+                stream.stopped = True
+                request.unregisterProducer()
+                request.loseConnection()
             return
         except _StalledError:
             api.metrics.event_streams_cut.inc()
