@@ -42,6 +42,7 @@ class _Resource(Resource):
         )
         status, extra = owner.plan(len(owner.received), got)
         owner.received.append(got)
+        owner.answers.append(status)
         request.setResponseCode(status)
         for name, value in extra.items():
             request.setHeader(name, value)
@@ -53,12 +54,22 @@ class Receiver:
         self.reactor = reactor
         self.plan: Plan = plan or (lambda n, r: (204, {}))
         self.received: list[Received] = []
+        self.answers: list[int] = []
+        """The status each received request was answered with."""
         self.port: IListeningPort = reactor.listenTCP(
             0, Site(_Resource(self)), interface="127.0.0.1"
         )
 
     def url(self, path: str = "/hook") -> str:
         return f"http://127.0.0.1:{self.port.getHost().port}{path}"  # type: ignore[attr-defined]
+
+    def accepted(self) -> dict[str, Received]:
+        """webhook-id -> the first attempt answered 2xx."""
+        out: dict[str, Received] = {}
+        for got, status in zip(self.received, self.answers, strict=True):
+            if 200 <= status < 300:
+                out.setdefault(got.headers["webhook-id"], got)
+        return out
 
     async def stop(self) -> None:
         await self.port.stopListening()  # type: ignore[misc]

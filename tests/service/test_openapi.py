@@ -19,6 +19,7 @@ from twisted.internet import protocol
 
 from curlfetch.api import JobAPI
 from curlfetch.quotas import ClientQuotas
+from curlfetch.webhooks import new_secret
 
 from .apiserver import Reply, Service, ServiceFactory, services, svc
 
@@ -157,6 +158,9 @@ async def test_real_responses_match_the_document(services: ServiceFactory) -> No
         max_concurrency=1,
         max_request_bytes=64 * 1024,
         tokens={"alice": ALICE, "bob": BOB},
+        webhook_secrets={"bob": new_secret()},
+        webhook_backoff=0.05,
+        webhook_horizon=0.3,
     )
     doc = await fetch_document(s)
     c = Checker(doc)
@@ -288,6 +292,77 @@ async def test_real_responses_match_the_document(services: ServiceFactory) -> No
         c.check(await s.call("GET", f"{export}?state=succeeded"), export, "GET")
         c.check(await s.call("GET", f"{export}?created_since=x"), export, "GET")  # 400
 
+    # Batches, events, webhooks.
+    batches_path, batch_path = "/v1/batches", "/v1/batches/{batch_id}"
+    batch_jobs_path, events_path = "/v1/batches/{batch_id}/jobs", "/v1/events"
+    secret_path, deliveries_path = "/v1/webhooks/secret", "/v1/webhooks/deliveries"
+    delivery_path = "/v1/webhooks/deliveries/{delivery_id}"
+    retry_path = "/v1/webhooks/deliveries/{delivery_id}/retry"
+    reply = await s.call("POST", secret_path)
+    c.check(reply, secret_path, "POST")  # 201
+    c.check(await s.call("POST", secret_path, token=BOB), secret_path, "POST")  # 409
+    hook = {"url": f"http://127.0.0.1:{s.port_number}/nowhere", "events": ["batch.completed"]}
+    reply = await s.call(
+        "POST", batches_path, json_body={"jobs": [{"url": s.url("/bytes")}], "notify": hook}
+    )
+    c.check(reply, batches_path, "POST")  # 201
+    batch = reply.json()["id"]
+    c.check(await s.call("GET", f"/v1/batches/{batch}?wait=5"), batch_path, "GET")
+    c.check(await s.call("GET", f"/v1/batches/{batch}?wait=x"), batch_path, "GET")  # 400
+    c.check(await s.call("GET", f"/v1/batches/{unknown}"), batch_path, "GET")  # 404
+    c.check(await s.call("GET", f"/v1/batches/{batch}/jobs"), batch_jobs_path, "GET")
+    c.check(await s.call("GET", f"/v1/batches/{batch}/jobs?limit=0"), batch_jobs_path, "GET")
+    c.check(await s.call("GET", f"/v1/batches/{unknown}/jobs"), batch_jobs_path, "GET")
+    c.check(await s.call("DELETE", f"/v1/batches/{batch}"), batch_path, "DELETE")
+    c.check(await s.call("DELETE", f"/v1/batches/{unknown}"), batch_path, "DELETE")
+    c.check(await s.call("GET", batches_path), batches_path, "GET")
+    c.check(await s.call("GET", f"{batches_path}?limit=x"), batches_path, "GET")  # 400
+    ndjson_type = ("Content-Type", "application/x-ndjson")
+    line = json.dumps({"url": s.url("/bytes")}).encode() + b"\n"
+    reply = await s.call("POST", batches_path, body=line * 3, headers=[ndjson_type])
+    assert reply.status == 503  # max_queued=2
+    c.check(reply, batches_path, "POST")
+    reply = await s.call("POST", batches_path, body=b"{\n", headers=[ndjson_type])
+    c.check(reply, batches_path, "POST")  # 400
+    reply = await s.call("POST", batches_path, json_body={"jobs": [{"url": s.url("/")}] * 3})
+    c.check(reply, batches_path, "POST")  # 413
+    reply = await s.call("POST", batches_path, body=b"x", headers=[("Content-Type", "text/plain")])
+    c.check(reply, batches_path, "POST")  # 415
+    body = json.dumps({"jobs": [{"url": s.url("/bytes")}]}).encode()
+    fingerprint = hashlib.sha256(body).hexdigest()
+    assert await s.store.reserve_key("alice", "b1", fingerprint, s.reactor.seconds()) is None
+    reply = await s.call(
+        "POST", batches_path, body=body, headers=[json_type, ("Idempotency-Key", "b1")]
+    )
+    c.check(reply, batches_path, "POST")  # 409
+    reply = await s.call(
+        "POST", batches_path, body=body + b" ", headers=[json_type, ("Idempotency-Key", "b1")]
+    )
+    c.check(reply, batches_path, "POST")  # 422
+    await s.store.release_key("alice", "b1")
+
+    async def failed_delivery() -> list[dict[str, Any]]:
+        reply = await s.call("GET", f"{deliveries_path}?status=failed")
+        c.check(reply, deliveries_path, "GET")
+        found: list[dict[str, Any]] = reply.json()["deliveries"]
+        return found
+
+    await s.until(lambda: _truthy(failed_delivery()))
+    [delivery] = await failed_delivery()
+    c.check(await s.call("GET", f"{deliveries_path}?status=x"), deliveries_path, "GET")  # 400
+    c.check(await s.call("GET", f"/v1/webhooks/deliveries/{delivery['id']}"), delivery_path, "GET")
+    c.check(await s.call("GET", "/v1/webhooks/deliveries/msg_x"), delivery_path, "GET")  # 404
+    retry = f"/v1/webhooks/deliveries/{delivery['id']}/retry"
+    c.check(await s.call("POST", retry), retry_path, "POST")  # 200
+    c.check(await s.call("POST", retry), retry_path, "POST")  # 409: pending now
+    c.check(await s.call("POST", "/v1/webhooks/deliveries/msg_x/retry"), retry_path, "POST")
+    await s.store.purge_loop(s.reactor.seconds() + 10, 0)
+    expired = await s.call("GET", f"{events_path}?last_event_id=0-0")  # 200: ends at once
+    assert expired.status == 200
+    assert b"event: error" in expired.body
+    c.check(expired, events_path, "GET")
+    c.check(await s.call("GET", f"{events_path}?types=x"), events_path, "GET")  # 400
+
     # Authentication: none, an unknown token, a malformed header; another client's job.
     for method, template, path in (
         ("POST", jobs_path, jobs_path),
@@ -297,6 +372,16 @@ async def test_real_responses_match_the_document(services: ServiceFactory) -> No
         ("GET", body_path, f"/v1/jobs/{ok}/body"),
         ("GET", "/metrics", "/metrics"),
         *(("GET", export, export) for export in exports),
+        ("POST", batches_path, batches_path),
+        ("GET", batches_path, batches_path),
+        ("GET", batch_path, f"/v1/batches/{batch}"),
+        ("DELETE", batch_path, f"/v1/batches/{batch}"),
+        ("GET", batch_jobs_path, f"/v1/batches/{batch}/jobs"),
+        ("GET", events_path, events_path),
+        ("POST", secret_path, secret_path),
+        ("GET", deliveries_path, deliveries_path),
+        ("GET", delivery_path, f"/v1/webhooks/deliveries/{delivery['id']}"),
+        ("POST", retry_path, retry),
     ):
         reply = await s.call(method, path, anonymous=True)
         assert reply.status == 401
@@ -321,6 +406,11 @@ async def test_real_responses_match_the_document(services: ServiceFactory) -> No
     reply = await limited.submit({"url": limited.url("/bytes")})
     assert reply.status == 429
     c.check(reply, jobs_path, "POST")
+    reply = await limited.call(
+        "POST", batches_path, json_body={"jobs": [{"url": limited.url("/bytes")}]}
+    )
+    assert reply.status == 429
+    c.check(reply, batches_path, "POST")
 
     # Unknown paths and methods.
     c.check_component(await s.call("GET", "/nope"), "NotFound")
@@ -331,6 +421,9 @@ async def test_real_responses_match_the_document(services: ServiceFactory) -> No
     s.api.start_draining()
     c.check(await s.call("GET", "/readyz"), "/readyz", "GET")
     c.check(await s.submit({"url": s.url("/")}), jobs_path, "POST")  # 503
+    reply = await s.call("POST", batches_path, json_body={"jobs": [{"url": s.url("/")}]})
+    c.check(reply, batches_path, "POST")  # 503
+    c.check(await s.call("GET", events_path), events_path, "GET")  # 503
 
     # The store is gone: 503, not 500.
     await s.scheduler.stopService()
@@ -341,6 +434,23 @@ async def test_real_responses_match_the_document(services: ServiceFactory) -> No
     c.check(await s.call("GET", jobs_path), jobs_path, "GET")
     for export in exports:
         c.check(await s.call("GET", export), export, "GET")
+    for method, template, path in (
+        ("GET", batches_path, batches_path),
+        ("GET", batch_path, f"/v1/batches/{batch}"),
+        ("DELETE", batch_path, f"/v1/batches/{batch}"),
+        ("GET", batch_jobs_path, f"/v1/batches/{batch}/jobs"),
+        ("POST", secret_path, secret_path),
+        ("GET", deliveries_path, deliveries_path),
+        ("GET", delivery_path, f"/v1/webhooks/deliveries/{delivery['id']}"),
+        ("POST", retry_path, retry),
+    ):
+        reply = await s.call(method, path)
+        assert reply.status == 503, (path, reply)
+        c.check(reply, template, method)
 
     missing = {r for r in c.documented() - c.covered if r[2] != "500"}
     assert not missing, f"documented but never produced: {sorted(missing)}"
+
+
+async def _truthy(d: Any) -> bool:
+    return bool(await d)

@@ -32,6 +32,7 @@ from ..jobs import (
 )
 from ..openapi import (
     BAD_AUTH,
+    BAD_AUTH_RESPONSE,
     INTERNAL,
     NOT_FOUND,
     RETRY_AFTER,
@@ -307,6 +308,7 @@ def _cancel_doc(api: JobAPI) -> dict[str, Any]:
                 "description": "The batch after the cancel.",
                 "content": json_content(ref("BatchView")),
             },
+            "400": BAD_AUTH_RESPONSE,
             **_BATCH_ERRORS,
         },
     }
@@ -405,15 +407,21 @@ class BatchesResource(ApiResource):
         pulse = api.event_pulse
         pulse.watch("*")
         try:
-            while batch.finished_at is None and not api.draining:
+            finished: bool | None = batch.finished_at is not None
+            while not finished and not api.draining:
                 remaining = deadline - api.reactor.seconds()
                 if remaining <= 0:
                     break
                 seen = pulse.version("*")
                 await pulse.wait("*", min(remaining, api.poll_interval), seen)
-                batch = await self._get(client, batch_id)
+                # One row per wake-up; the jobs are counted once, at the end.
+                finished = await api.store.batch_finished(client, batch_id)
+                if finished is None:
+                    raise _not_found(batch_id)
         finally:
             pulse.unwatch("*")
+        if wait > 0:
+            batch = await self._get(client, batch_id)
         return json_response(request, batch_view(batch))
 
     @route("/v1/batches/<batch_id>/jobs", "GET", _jobs_doc)

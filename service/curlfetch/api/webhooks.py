@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING, Any
 from twisted.web.iweb import IRequest
 
 from ..jobs import rfc3339
-from ..openapi import BAD_AUTH, NOT_FOUND, V1_ERRORS, error_response, json_content, ref
+from ..openapi import (
+    BAD_AUTH,
+    BAD_AUTH_RESPONSE,
+    NOT_FOUND,
+    V1_ERRORS,
+    error_response,
+    json_content,
+    ref,
+)
 from ..store import Delivery
 from ..webhooks import new_secret
 from .http import ApiError, json_response
@@ -150,6 +158,7 @@ def _get_doc(api: JobAPI) -> dict[str, Any]:
         "summary": "One delivery with its attempts.",
         "responses": {
             "200": {"description": "The delivery.", "content": json_content(ref("Delivery"))},
+            "400": BAD_AUTH_RESPONSE,
             **_ERRORS,
         },
     }
@@ -164,6 +173,7 @@ def _retry_doc(api: JobAPI) -> dict[str, Any]:
                 "description": "The delivery, pending again.",
                 "content": json_content(ref("Delivery")),
             },
+            "400": BAD_AUTH_RESPONSE,
             **_ERRORS,
             "409": error_response("The delivery has not failed (`conflict`)."),
         },

@@ -232,9 +232,11 @@ def new_message_id() -> str:
 class LoopSQL:
     """The statements of this module in a backend's placeholder style ``p``.
     ``for_update`` locks a batch row; ``skip_locked`` lets claims pass rows others hold;
-    ``horizon`` limits event reads to what can no longer change."""
+    ``horizon`` limits event reads to what can no longer change; ``after`` selects the
+    events after a ``(txid, seq)`` (two parameters) so that the ``events_client`` index
+    serves it (an ``OR`` of the two would scan the client's whole log)."""
 
-    def __init__(self, p: str, for_update: str, skip_locked: str, horizon: str) -> None:
+    def __init__(self, p: str, for_update: str, skip_locked: str, horizon: str, after: str) -> None:
         self.p = p
         self.batch_insert = (
             "INSERT INTO batches (id, client, total, created_at, metadata, notify) "  # noqa: S608
@@ -286,7 +288,7 @@ class LoopSQL:
             "INSERT INTO events (client, type, batch, job, created_at, data) "  # noqa: S608
             f"VALUES ({p}, {p}, {p}, {p}, {p}, {p})"
         )
-        after = f"client = {p} AND (txid > {p} OR (txid = {p} AND seq > {p})){horizon}"
+        after = f"client = {p} AND {after}{horizon}"
         self.events_after = (
             f"SELECT txid, seq, type, batch, created_at, data FROM events WHERE {after} "  # noqa: S608
             "{filters}ORDER BY txid, seq LIMIT " + p

@@ -78,6 +78,17 @@ class LoopMethods(abc.ABC):
 
         return self._read(get)
 
+    def batch_finished(self, client: str, batch_id: str) -> Deferred[bool | None]:
+        """Whether the batch is finished (None: no such batch): one row, for long-polls
+        that would otherwise count 100,000 jobs at every commit."""
+        sql = self.loop
+
+        def finished(conn: Connection) -> tuple[bool | None, Any]:
+            row = conn.execute(sql.batch_get, (batch_id, client)).fetchone()
+            return (None if row is None else row[4] is not None), {}
+
+        return self._read(finished)
+
     def list_batches(self, client: str, limit: int, before_id: str | None) -> Deferred[list[Batch]]:
         """The client's batches, newest first, with ids below ``before_id``."""
         sql = self.loop
@@ -155,7 +166,7 @@ class LoopMethods(abc.ABC):
         ``EventsExpiredError`` if retention deleted events after it."""
         sql = self.loop
         filters = ""
-        params: list[object] = [client, after[0], after[0], after[1]]
+        params: list[object] = [client, after[0], after[1]]
         if batch is not None:
             filters += f"AND batch = {sql.p} "
             params.append(batch)

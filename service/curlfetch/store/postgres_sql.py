@@ -87,6 +87,7 @@ LOOP = LoopSQL(
     skip_locked=" FOR UPDATE SKIP LOCKED",
     # Only transactions older than every one still running: nothing can join them.
     horizon=" AND txid < txid_snapshot_xmin(txid_current_snapshot())",
+    after="(txid, seq) > (%s, %s)",
 )
 EVENTS_START = "SELECT txid_snapshot_xmin(txid_current_snapshot()) - 1, 9223372036854775807"
 """A new stream starts after the transactions that are over; a running one's events

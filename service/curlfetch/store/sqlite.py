@@ -108,7 +108,8 @@ def _metadata_match(key: str, value: str | None) -> tuple[str, list[object]]:
 
 
 _SQL = PortableSQL("?", for_update="", types=_TYPES, metadata_match=_metadata_match)
-_LOOP = LoopSQL("?", for_update="", skip_locked="", horizon="")
+# One writer: txid is always 0 and seq is the commit order.
+_LOOP = LoopSQL("?", for_update="", skip_locked="", horizon="", after="txid = ? AND seq > ?")
 # One process owns every running job of the file: they are all its.
 _OWNED_RUNNING = "SELECT id, client FROM jobs WHERE state = 'running'"
 
