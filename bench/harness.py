@@ -958,15 +958,76 @@ class Bench:
         if missed and self.profile_to is not None:
             self._service_profile(c)
 
+    # (s-hook) ------------------------------------------------------------------------------
+
+    def service_hooks(self) -> None:
+        """(s) with a webhook per job: what webhooks cost in jobs/s, and how soon a
+        delivery follows its job's end."""
+        p = self.plan
+        c = min(p.service_concurrency, CURL_PARALLEL_MAX)
+        out(
+            f"(s-hook) the (s) workload with a webhook per job: {p.service_n:,} jobs of 1 KiB, "
+            f"each notifying a loopback receiver (aiohttp, in the driver) of job.succeeded, "
+            f"signed per Standard Webhooks; against the same without webhooks; {p.rounds} rounds"
+        )
+        probe = self.probe()
+        runs: dict[str, list[Run]] = {"service": [], "service+webhooks": []}
+        for r in range(p.rounds):
+            for client in rotated(list(runs), r):
+                hooks = ("--webhook",) if client == "service+webhooks" else ()
+                run = self._service_run(c, None, driver_args=hooks)
+                line = _service_line(run)
+                if hooks and run.extra.get("webhooks"):
+                    hook = run.extra["webhooks"]
+                    lat = hook["latency"]
+                    line += (
+                        f"  webhooks {hook['delivered']:,} (p50 {lat['p50'] * 1000:,.0f} ms, "
+                        f"p99 {lat['p99'] * 1000:,.0f} ms after finished_at)"
+                    )
+                out(f"  round {r + 1} {client:<17} {line}")
+                runs[client].append(run)
+        out()
+        base = med(runs["service"], req_per_s)
+        hooked = clean(runs["service+webhooks"])
+        rate = med(runs["service+webhooks"], req_per_s)
+        rows = [
+            [
+                name,
+                fmt(med(mine, req_per_s), ",.0f") + spread(values(mine, req_per_s)),
+                fmt(med(mine, cpu_us_per_req), ",.0f"),
+                ratio(med(mine, req_per_s), base),
+            ]
+            for name, mine in runs.items()
+        ]
+        table(["", "jobs/s", "CPU µs/job", "vs no webhooks"], rows)
+        summary: dict[str, Any] = {"service": base, "service+webhooks": rate}
+        if hooked:
+            cells = []
+            for q in ("p50", "p99", "max"):
+                value = median([x.extra["webhooks"]["latency"][q] for x in hooked])
+                summary[f"delivery_{q}"] = value
+                cells.append(fmt(None if value is None else value * 1000, ",.0f"))
+            out("  delivery latency, ms from the job's finished_at to the receiver (medians)")
+            table(["", "p50", "p99", "max"], [["webhook", *cells]])
+        out(f"  {probe.summary()}")
+        self.record["shook"] = {
+            "summary": summary,
+            "runs": {k: [asdict(x) for x in v] for k, v in runs.items()},
+        }
+
     def _service_run(
-        self, concurrency: int, profile: Path | None, extra: Sequence[str] = ()
+        self,
+        concurrency: int,
+        profile: Path | None,
+        extra: Sequence[str] = (),
+        driver_args: Sequence[str] = (),
     ) -> Run:
         p = self.plan
         argv = [
             "--url", self.url(SMALL_FILE), "-n", str(p.service_n),
             "--batch", str(p.service_batch), "--posts", str(p.service_posts),
             "-c", str(concurrency), "--expect-size", str(KIB), "--work", str(self.work),
-            "--timeout", "500", *self.service_args, *extra,
+            "--timeout", "500", *self.service_args, *extra, *driver_args,
         ]  # fmt: skip
         if profile is not None:
             argv += ["--profile", str(profile), "--top", "15"]
@@ -1230,7 +1291,7 @@ def versions() -> str:
     )
 
 
-WORKLOADS = ("a", "b", "c", "d", "s", "sbig", "p")
+WORKLOADS = ("a", "b", "c", "d", "s", "shook", "sbig", "p")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1238,7 +1299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small N, one round: a smoke check")
     parser.add_argument(
         "--only",
-        default="a,b,c,d,s,sbig",
+        default="a,b,c,d,s,shook,sbig",
         help="workloads to run, e.g. a,b or s,sbig; p (scale-out) only if named",
     )
     parser.add_argument(
@@ -1289,6 +1350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "c": bench.slow,
                 "d": bench.soak,
                 "s": bench.service,
+                "shook": bench.service_hooks,
                 "sbig": bench.service_big,
                 "p": bench.scale,
             }

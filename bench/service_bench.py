@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiohttp.web
 import psutil
 
 from bench.common import Result, emit, latency_summary, raise_nofile_limit
@@ -79,6 +80,8 @@ class Args:
     top: int
     service_args: tuple[str, ...] = ()
     """More ``twistd curlfetch`` options for the service under test."""
+    webhook: bool = False
+    """Every job notifies a loopback receiver (aiohttp, in this driver) of its end."""
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
@@ -95,6 +98,12 @@ def parse_args(argv: list[str] | None = None) -> Args:
     parser.add_argument("--timeout", type=float, default=600.0, help="whole run, seconds")
     parser.add_argument("--profile", help="py-spy the service into this file (collapsed)")
     parser.add_argument("--top", type=int, default=15, help="--profile: hotspots shown")
+    parser.add_argument(
+        "--webhook",
+        action="store_true",
+        help="each job notifies a loopback receiver run by this driver (job.succeeded, "
+        "job.failed); reports the delivery latency from finished_at",
+    )
     add_service_arg(parser)
     ns = parser.parse_args(argv)
     if ns.n < 1 or ns.batch < 1 or ns.posts < 1 or ns.concurrency < 1:
@@ -111,6 +120,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
         profile=ns.profile,
         top=ns.top,
         service_args=tuple(ns.service_arg),
+        webhook=ns.webhook,
     )
 
 
@@ -339,13 +349,61 @@ def check(view: dict[str, Any], expect_size: int) -> str | None:
     return None
 
 
+class Receiver:
+    """The webhook receiver: when each job's delivery arrived (the first, by job id)."""
+
+    def __init__(self) -> None:
+        self.arrived: dict[str, float] = {}
+        self.posts = 0
+        self.runner: aiohttp.web.AppRunner | None = None
+        self.port = free_port()
+
+    async def start(self) -> str:
+        app = aiohttp.web.Application()
+        app.router.add_post("/hook", self.hook)
+        self.runner = aiohttp.web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await aiohttp.web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    async def hook(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
+        body = await request.read()
+        self.posts += 1
+        job = json.loads(body)["data"]["job"]["id"]
+        self.arrived.setdefault(job, time.time())
+        return aiohttp.web.Response(status=204)
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    async def wait(self, count: int, deadline: float) -> None:
+        while len(self.arrived) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self.arrived)} of {count} webhooks arrived in time")
+            await asyncio.sleep(POLL_INTERVAL)
+
+
 async def drive(args: Args, service: Service, result: Result) -> None:
+    receiver = Receiver() if args.webhook else None
+    try:
+        await _drive(args, service, result, receiver)
+    finally:
+        if receiver is not None:
+            await receiver.stop()
+
+
+async def _drive(args: Args, service: Service, result: Result, receiver: Receiver | None) -> None:
     sep = "&" if "?" in args.url else "?"
+    extra: dict[str, Any] = {}
+    if receiver is not None:
+        hook = await receiver.start()
+        extra = {"notify": {"url": hook, "events": ["job.succeeded", "job.failed"]}}
     bodies = [
         json.dumps(
             {
                 "jobs": [
-                    {"url": f"{args.url}{sep}i={i}", "retry": {"max_attempts": 1}}
+                    {"url": f"{args.url}{sep}i={i}", "retry": {"max_attempts": 1}, **extra}
                     for i in range(start, min(start + args.batch, args.n))
                 ]
             }
@@ -357,6 +415,10 @@ async def drive(args: Args, service: Service, result: Result) -> None:
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         await wait_ready(session, service)
+        if receiver is not None:
+            async with session.post(f"{service.base}/v1/webhooks/secret") as response:
+                if response.status != 201:
+                    raise RuntimeError(f"POST /v1/webhooks/secret: HTTP {response.status}")
         with profiler(service.proc.pid, args.profile):
             cpu0 = service.cpu()
             me0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -367,6 +429,8 @@ async def drive(args: Args, service: Service, result: Result) -> None:
             counts, polls = await wait_terminal(
                 session, service.base, len(submitted.sent_at), deadline
             )
+            if receiver is not None:
+                await receiver.wait(len(submitted.sent_at), deadline)
             observed_wall = time.monotonic() - t0
             cpu1 = service.cpu()
             me1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -426,6 +490,20 @@ async def drive(args: Args, service: Service, result: Result) -> None:
         "failures": dict(reasons.most_common(5)),
         "driver_cpu": (me1.ru_utime - me0.ru_utime) + (me1.ru_stime - me0.ru_stime),
     }
+    if receiver is not None:
+        delivery = [
+            receiver.arrived[v["id"]] - finished
+            for v in views
+            if v["id"] in receiver.arrived and (finished := parse_time(v["finished_at"]))
+        ]
+        result.extra["webhooks"] = {
+            "delivered": len(receiver.arrived),
+            "posts": receiver.posts,
+            "latency": latency_summary(delivery),
+            "last_delivery_after": max(receiver.arrived.values(), default=first_post) - first_post,
+        }
+        if len(receiver.arrived) != seen:
+            result.error(f"{seen - len(receiver.arrived)} jobs' webhooks never arrived")
 
 
 # -- the profile ------------------------------------------------------------------------

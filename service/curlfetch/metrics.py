@@ -55,6 +55,12 @@ METRIC_NAMES = (
     "curlfetch_body_groups_total",
     "curlfetch_body_records_total",
     "curlfetch_body_bytes_total",
+    "curlfetch_webhook_deliveries_total",
+    "curlfetch_webhook_delivery_latency_seconds",
+    "curlfetch_webhook_outbox_depth",
+    "curlfetch_webhook_outbox_oldest_seconds",
+    "curlfetch_event_streams",
+    "curlfetch_event_streams_cut_total",
 )
 """Every family ``render()`` exposes (documented in the README and the OpenAPI text)."""
 

@@ -93,6 +93,19 @@ async def test_streams_are_filtered_and_scoped_to_the_client(services: ServiceFa
 
 
 @pytest_twisted.ensureDeferred
+async def test_follow_false_sends_the_backlog_and_ends(svc: Service) -> None:
+    """?follow=false: the events after the cursor, then the stream ends (a catch-up);
+    a bad value is 400."""
+    reply = await svc.submit({"jobs": [{"url": svc.url("/bytes")}] * 3})
+    await svc.call("GET", f"/v1/batches/{reply.json()['batch']}?wait=5")
+    reply = await svc.call("GET", "/v1/events?follow=false&last_event_id=0-0")
+    assert reply.status == 200
+    assert reply.body.count(b"\nevent: ") == 5
+    assert reply.body.endswith(b"\n\n")
+    assert (await svc.call("GET", "/v1/events?follow=no")).status == 400
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_quiet_stream_gets_heartbeats(services: ServiceFactory) -> None:
     """With nothing to say, the stream sends a comment every heartbeat interval."""
     s = await services(events_heartbeat=0.2)

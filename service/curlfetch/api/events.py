@@ -56,6 +56,24 @@ TYPES = Param(
     f"types must be a comma-separated list of {list(EVENT_TYPES)}",
     description=f"Only these event types (comma-separated): {', '.join(EVENT_TYPES)}.",
 )
+
+
+def _follow(raw: str) -> bool:
+    if raw not in ("true", "false"):
+        raise ValueError(raw)
+    return raw == "true"
+
+
+FOLLOW = Param(
+    "follow",
+    {"type": "boolean", "default": True},
+    _follow,
+    "follow must be true or false",
+    description=(
+        "false: send what the log holds after the cursor, then end the stream (a "
+        "catch-up for scripts, as `tail` without `-f`)."
+    ),
+)
 LAST_EVENT_ID = Param(
     "last_event_id",
     {"type": "string"},
@@ -86,6 +104,7 @@ def _events_doc(api: JobAPI) -> dict[str, Any]:
             BATCH.doc(),
             TYPES.doc(),
             LAST_EVENT_ID.doc(),
+            FOLLOW.doc(),
             {
                 "name": "Last-Event-ID",
                 "in": "header",
@@ -97,7 +116,26 @@ def _events_doc(api: JobAPI) -> dict[str, Any]:
         "responses": {
             "200": {
                 "description": "The stream.",
-                "content": {EVENT_STREAM: {"schema": {"type": "string"}}},
+                "content": {
+                    EVENT_STREAM: {
+                        "schema": {
+                            "type": "object",
+                            "description": "One event of the stream (comments aside).",
+                            "required": ["data"],
+                            "properties": {
+                                "id": {"type": "string", "pattern": "^[0-9]+-[0-9]+$"},
+                                "event": {"enum": [*EVENT_TYPES, "error"]},
+                                "data": {
+                                    "type": "string",
+                                    "description": 'JSON: {"id", "type", "timestamp", '
+                                    '"data": {"job": ...} or {"batch": ...}}; for an error '
+                                    'event, {"code", "message"}.',
+                                },
+                                "retry": {"type": "integer"},
+                            },
+                        }
+                    }
+                },
             },
             "400": error_response(f"A bad filter or event id. {BAD_AUTH}."),
             **V1_ERRORS,
@@ -122,6 +160,7 @@ class EventsResource(ApiResource):
         client = api.client(request)
         batch = BATCH.get(request)
         types = TYPES.get(request)
+        follow = FOLLOW.get(request)
         raw = request.getHeader(b"last-event-id")
         last = raw.decode("latin-1").strip() if raw else query(request, "last_event_id")
         if last is not None and raw is None:
@@ -140,7 +179,7 @@ class EventsResource(ApiResource):
             )
         if cursor is None:
             cursor = await api.store.events_start()
-        return _EventStream(self, client, cursor, batch, types)
+        return _EventStream(self, client, cursor, batch, types, follow=follow is not False)
 
 
 class _EventStream(Resource):
@@ -153,8 +192,11 @@ class _EventStream(Resource):
         cursor: tuple[int, int],
         batch: str | None,
         types: frozenset[str] | None,
+        *,
+        follow: bool = True,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
+        self.follow = follow
         self.owner = owner
         self.api = owner.api
         self.client = client
@@ -211,6 +253,8 @@ class _EventStream(Resource):
                     beat_at = api.reactor.seconds() + api.events_heartbeat
                     if len(events) == PAGE:
                         continue
+                if not self.follow:
+                    break  # caught up
                 now = api.reactor.seconds()
                 if now >= beat_at:
                     await self._write(b": heartbeat\n\n")

@@ -274,13 +274,12 @@ class LoopSQL:
             f"UPDATE batches SET cancelled_at = {p} WHERE id = {p} AND cancelled_at IS NULL"  # noqa: S608
         )
         self.batch_open_jobs = (
-            f"SELECT seq FROM jobs WHERE batch = {p} AND state IN ('queued', 'running') "  # noqa: S608
-            f"ORDER BY seq{for_update}"
+            f"SELECT id, state, owner FROM jobs WHERE batch = {p} "  # noqa: S608
+            f"AND state IN ('queued', 'running') ORDER BY seq{for_update}"
         )
-        self.job_by_seq = f"SELECT state, owner FROM jobs WHERE seq = {p}{for_update}"  # noqa: S608
-        self.job_cancel_open = (
+        self.batch_cancel_jobs = (
             f"UPDATE jobs SET state = 'cancelled', finished_at = {p}, owner = NULL, "  # noqa: S608
-            f"lease_until = NULL WHERE seq = {p} AND state IN ('queued', 'running') "
+            f"lease_until = NULL WHERE batch = {p} AND state IN ('queued', 'running') "
             f"RETURNING {COLUMNS}"
         )
         self.batch_purge = f"DELETE FROM batches WHERE finished_at < {p}"  # noqa: S608
