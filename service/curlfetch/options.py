@@ -265,7 +265,7 @@ class Config:
     event_retention: float = 7 * 86400.0
     events_heartbeat: float = 15.0
     events_stall_timeout: float = 30.0
-    webhook_concurrency: int = 20
+    webhook_concurrency: int = 50
     webhook_timeout: float = 15.0
     webhook_backoff: float = 5.0
     webhook_max_backoff: float = 3600.0
@@ -542,7 +542,7 @@ class Options(usage.Options):
             "An event stream whose client reads nothing this long is cut off (it resumes "
             "from the log).",
         ],
-        ["webhook-concurrency", None, "20", "Webhook deliveries in flight at once."],
+        ["webhook-concurrency", None, "50", "Webhook deliveries in flight at once."],
         ["webhook-timeout", None, "15s", "Seconds for one delivery attempt."],
         [
             "webhook-backoff",

@@ -47,6 +47,8 @@ log = Logger()
 
 SECRET_PREFIX = WEBHOOK_SECRET_PREFIX
 USER_AGENT = "curlfetch-webhooks/1"
+SECRET_TTL = 5.0
+"""Seconds a sender keeps a client's secret read from the store (one read per burst)."""
 
 
 def new_secret() -> str:
@@ -110,7 +112,7 @@ class _Metrics(Protocol):
 
 @attrs.frozen
 class SenderConfig:
-    concurrency: int = 20
+    concurrency: int = 50
     """Deliveries in flight at once, per instance."""
     timeout: float = 15.0
     """Seconds for one attempt (connect included)."""
@@ -165,6 +167,7 @@ class WebhookSender(Service):
         self._poll: LoopingCall | None = None
         self._stopping = False
         self._reaped_own = False
+        self._secrets: dict[str, tuple[str, float]] = {}
         self.sent = 0
         """Attempts made (any outcome)."""
 
@@ -258,6 +261,21 @@ class WebhookSender(Service):
         if self._again or (len(deliveries) and len(self._in_flight) < self.config.concurrency):
             self.wake()
 
+    async def _secret(self, client: str) -> str | None:
+        """The client's secret: configured, or the store's, remembered for
+        ``SECRET_TTL`` seconds (a new one made by the API signs from then on)."""
+        configured = self.config.secrets.get(client)
+        if configured is not None:
+            return configured
+        now = self._reactor.seconds()
+        cached = self._secrets.get(client)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        secret = await self._store.webhook_secret(client)
+        if secret is not None:
+            self._secrets[client] = (secret, now + SECRET_TTL)
+        return secret
+
     def _crashed(self, failure: Failure, delivery_id: str) -> None:
         """A bug, or the store refused the record: the lease brings the row back."""
         if failure.check(CancelledError) is None:
@@ -277,9 +295,7 @@ class WebhookSender(Service):
         status: int | None = None
         error: tuple[str, str] | None = None
         retry_after: float | None = None
-        secret = self.config.secrets.get(delivery.client)
-        if secret is None:
-            secret = await self._store.webhook_secret(delivery.client)
+        secret = await self._secret(delivery.client)
         if secret is None:
             error = ("no_webhook_secret", "the client has no webhook secret")
             attempt.update(error={"code": error[0], "message": error[1]})
