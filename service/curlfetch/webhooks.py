@@ -84,7 +84,7 @@ class SenderReactor(Protocol):
 
 
 class _Store(Protocol):
-    event_listeners: list[Callable[[], None]]
+    delivery_listeners: list[Callable[[], None]]
 
     def claim_deliveries(
         self, limit: int, now: float, lease: float
@@ -138,8 +138,8 @@ def backoff(attempt: int, first: float, most: float, rng: random.Random) -> floa
 
 class WebhookSender(Service):
     """Claims due deliveries and sends them, at most ``concurrency`` at once; woken when
-    events commit (here, or on PostgreSQL on another instance) and every
-    ``poll_interval``."""
+    deliveries commit (here, or on PostgreSQL when another instance wrote events) and
+    every ``poll_interval``."""
 
     def __init__(
         self,
@@ -178,7 +178,7 @@ class WebhookSender(Service):
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         self._stopping = False
-        self._store.event_listeners.append(self.wake)
+        self._store.delivery_listeners.append(self.wake)
         poll = LoopingCall(self._tick)
         poll.clock = self._reactor  # type: ignore[assignment]
         self._poll = poll
@@ -193,8 +193,8 @@ class WebhookSender(Service):
         instance, or the next start, sends them without waiting out the lease."""
         super().stopService()  # type: ignore[no-untyped-call]
         self._stopping = True
-        if self.wake in self._store.event_listeners:
-            self._store.event_listeners.remove(self.wake)
+        if self.wake in self._store.delivery_listeners:
+            self._store.delivery_listeners.remove(self.wake)
         if self._poll is not None and self._poll.running:
             self._poll.stop()
         for call in (self._wake_call, self._due_call):

@@ -241,6 +241,7 @@ class JobStore(Protocol):
     # -- batches, events, the webhook outbox (``curlfetch.store.loop``) --------------------
 
     event_listeners: list[Callable[[], None]]
+    delivery_listeners: list[Callable[[], None]]
 
     def get_batch(self, client: str, batch_id: str) -> Deferred[Batch | None]: ...
     def batch_finished(self, client: str, batch_id: str) -> Deferred[bool | None]: ...

@@ -128,6 +128,14 @@ class Outcome:
     queued_delta: Delta
 
 
+def _tell(listeners: list[Callable[[], None]]) -> None:
+    for listener in list(listeners):
+        try:
+            listener()
+        except Exception:
+            log.failure("a store listener failed")
+
+
 def resolve(result: Result) -> tuple[Any, Delta]:
     return result.finish() if isinstance(result, Later) else result
 
@@ -195,6 +203,10 @@ class StoreCore(LoopMethods):
         self.event_listeners: list[Callable[[], None]] = []
         """Called on the reactor after a batch that may have written events committed
         here (and, on PostgreSQL, when another instance says it wrote some)."""
+        self.delivery_listeners: list[Callable[[], None]] = []
+        """Called on the reactor after a batch that wrote webhook deliveries committed
+        here (and, on PostgreSQL, when another instance wrote events)."""
+        self._new_deliveries = False  # set in the database thread
 
     # -- what a backend brings ---------------------------------------------------------------
 
@@ -377,6 +389,9 @@ class StoreCore(LoopMethods):
         self.transactions += 1
         if any(op.events for op in ops):
             self.events_committed()
+        if self._new_deliveries:
+            self._new_deliveries = False
+            self.deliveries_committed()
         for op, outcome in zip(ops, result, strict=True):
             value = outcome.value
             if op.recount and outcome.ok:
@@ -395,12 +410,20 @@ class StoreCore(LoopMethods):
         self._check_idle()
 
     def events_committed(self) -> None:
-        """Wake whoever waits for events (streams, webhook senders)."""
-        for listener in list(self.event_listeners):
-            try:
-                listener()
-            except Exception:
-                log.failure("an event listener failed")
+        """Wake whoever waits for events (streams, batch long-polls)."""
+        _tell(self.event_listeners)
+
+    def deliveries_committed(self) -> None:
+        """Wake the webhook sender."""
+        _tell(self.delivery_listeners)
+
+    def _deliveries_due(self) -> None:
+        self.deliveries_committed()
+
+    def _mark_deliveries(self) -> None:
+        """In the database thread: this batch wrote deliveries (read once it committed;
+        a batch that rolls back only makes a needless wake-up)."""
+        self._new_deliveries = True
 
     def _batch_failed(self, failure: Failure, ops: list[Op]) -> int:
         """Hold the batch's retried operations for another run after a backoff; fail the
@@ -538,12 +561,13 @@ class StoreCore(LoopMethods):
         batch: BatchRecord | None,
         total: int,
     ) -> Deferred[None]:
-        sql, owner, loop, inserter, tell = (
+        sql, owner, loop, inserter, tell, mark = (
             self.sql,
             self.owner,
             self.loop,
             self._inserter,
             self._tell_events,
+            self._mark_deliveries,
         )
         delta = dict(clients)
 
@@ -558,7 +582,7 @@ class StoreCore(LoopMethods):
                         f"Idempotency-Key {record.key!r} is no longer reserved by this store"
                     )
             if batch is not None:
-                batch_created(Recorder(conn, loop, batch.created_at), batch, total)
+                batch_created(Recorder(conn, loop, batch.created_at, mark), batch, total)
                 tell(conn)
             for jobs in chunks():
                 inserter(jobs)(conn)
@@ -648,11 +672,13 @@ class StoreCore(LoopMethods):
             return succeed(None)
         update = self._updater(jobs)
         batch, loop, tell, now = list(jobs), self.loop, self._tell_events, self._reactor.seconds()
+        mark = self._mark_deliveries
 
         def save(conn: Connection) -> tuple[int, Delta]:
             saved, delta = update(conn)
-            recorder = Recorder(conn, loop, now)
+            recorder = Recorder(conn, loop, now, mark)
             recorder.finish_batches(recorder.jobs(j for j in batch if j.id in saved))
+            recorder.flush()
             if recorder.events:
                 tell(conn)
             return len(batch) - len(saved), delta
@@ -666,6 +692,7 @@ class StoreCore(LoopMethods):
         """A running job owned by another instance is cancelled here, and its owner told
         (``_cancelled_running``), so that it stops the transfer."""
         sql, told, loop, tell = self.sql, self._cancelled_running, self.loop, self._tell_events
+        mark = self._mark_deliveries
 
         def cancel(conn: Connection) -> tuple[Job | None, Delta]:
             row = conn.execute(sql.get_for_cancel, (job_id, client)).fetchone()
@@ -679,8 +706,9 @@ class StoreCore(LoopMethods):
             if job.state is JobState.RUNNING:
                 told(conn, job_id, owner)
             cancelled = job_from_row(after)
-            recorder = Recorder(conn, loop, now)
+            recorder = Recorder(conn, loop, now, mark)
             recorder.finish_batches(recorder.jobs([cancelled]))
+            recorder.flush()
             tell(conn)
             return cancelled, ({client: -1} if job.state is JobState.QUEUED else NONE)
 

@@ -61,6 +61,9 @@ class LoopMethods(abc.ABC):
     def _tell_events(self, conn: Any) -> None: ...
 
     @abc.abstractmethod
+    def _mark_deliveries(self) -> None: ...
+
+    @abc.abstractmethod
     def _events_start(self, conn: Any) -> tuple[int, int]:
         """Where a stream that resumes nothing starts: after every event that can no
         longer change."""
@@ -116,6 +119,7 @@ class LoopMethods(abc.ABC):
         running (their transfers must stop: other instances are told here), or None if
         there is no such batch."""
         loop, told, tell = self.loop, self._cancelled_running, self._tell_events
+        mark = self._mark_deliveries
 
         def cancel(conn: Connection) -> tuple[tuple[Batch, list[str]] | None, Any]:
             if conn.execute(loop.batch_get, (batch_id, client)).fetchone() is None:
@@ -139,9 +143,10 @@ class LoopMethods(abc.ABC):
                     told(conn, job.id, owner)
                 else:
                     queued += 1
-            recorder = Recorder(conn, loop, now)
+            recorder = Recorder(conn, loop, now, mark)
             recorder.jobs(cancelled)
             recorder.finish_batches([batch_id])
+            recorder.flush()
             tell(conn)
             row = conn.execute(loop.batch_row, (batch_id,)).fetchone()
             return (read_batch(conn, loop, row), running), ({client: -queued} if queued else {})
@@ -291,7 +296,16 @@ class LoopMethods(abc.ABC):
             row = conn.execute(sql.delivery_get, (delivery_id, client)).fetchone()
             return ((None if row is None else delivery_from_row(row)), False), {}
 
-        return self._submit(retry, events=True)
+        def retried(outcome: tuple[Delivery | None, bool]) -> tuple[Delivery | None, bool]:
+            if outcome[1]:
+                self._deliveries_due()
+            return outcome
+
+        return self._submit(retry).addCallback(retried)
+
+    @abc.abstractmethod
+    def _deliveries_due(self) -> None:
+        """On the reactor: deliveries became due (wake the sender)."""
 
     def delivery_stats(self) -> Deferred[tuple[int, float | None]]:
         """(deliveries pending or being sent, the oldest one's creation time)."""

@@ -32,6 +32,7 @@ class Cursor(Protocol):
 
 class Connection(Protocol):
     def execute(self, query: str, params: Any = ..., /) -> Cursor: ...
+    def cursor(self) -> Any: ...
 
 
 @attrs.frozen

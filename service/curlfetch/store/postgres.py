@@ -572,6 +572,7 @@ class PostgresJobStore(StoreCore):
         if up:
             self._wake()  # notifications may have been missed while it was down
             self.events_committed()
+            self.deliveries_committed()
 
     def _notified(self, channel: str, payload: str) -> None:
         try:
@@ -584,6 +585,7 @@ class PostgresJobStore(StoreCore):
             self._wake()
         elif channel == EVENTS_CHANNEL and message.get("from") != self.instance_id:
             self.events_committed()
+            self.deliveries_committed()  # any instance may deliver what another wrote
         elif channel == CANCEL_CHANNEL and message.get("owner") == self.instance_id:
             callback = self.on_cancelled
             if callback is not None:

@@ -32,6 +32,7 @@ import json
 import os
 import sqlite3
 import uuid
+from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, Protocol, TypeVar, cast
 
@@ -123,6 +124,10 @@ _SAVE = (
     "UPDATE jobs SET state = ?, attempts = ?, not_before = ?, started_at = ?, "
     "finished_at = ?, result = ?, error = ?, bytes = ?, error_code = ?, owner = NULL, "
     "lease_until = NULL WHERE id = ? AND state = 'running'"
+)
+
+_STILL_RUNNING = (
+    "SELECT id FROM jobs WHERE id IN (SELECT value FROM json_each(?)) AND state = 'running'"
 )
 
 _CLAIM = (
@@ -289,18 +294,19 @@ class SQLiteJobStore(StoreCore):
         return insert
 
     def _updater(self, jobs: Sequence[Job]) -> Callable[[Any], tuple[set[str], Delta]]:
-        """One UPDATE per job (its rowcount says whether it was still running): the
-        events need to know which were saved."""
+        """Which of the jobs are still running (one query: the events need to know), then
+        one ``executemany`` for those."""
         batch = list(jobs)
+        ids = json.dumps([job.id for job in batch])
 
         def update(conn: sqlite3.Connection) -> tuple[set[str], Delta]:
-            saved: set[str] = set()
-            back: dict[str, int] = {}
-            for job in batch:
-                if conn.execute(_SAVE, save_row(job)).rowcount == 1:
-                    saved.add(job.id)
-                    if job.state is JobState.QUEUED:
-                        back[job.client] = back.get(job.client, 0) + 1
+            saved = {row[0] for row in conn.execute(_STILL_RUNNING, (ids,))}
+            rows = [save_row(job) for job in batch if job.id in saved]
+            if rows:
+                conn.executemany(_SAVE, rows)
+            back = Counter(
+                job.client for job in batch if job.id in saved and job.state is JobState.QUEUED
+            )
             return saved, back
 
         return update
