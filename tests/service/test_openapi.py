@@ -167,6 +167,10 @@ async def test_real_responses_match_the_document(services: ServiceFactory) -> No
     job_path, body_path, jobs_path = "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/body", "/v1/jobs"
 
     c.check(await s.call("GET", "/healthz"), "/healthz", "GET")
+    c.check(await s.call("GET", "/ui/", anonymous=True), "/ui/", "GET")
+    for name in ("app.js", "app.css", "nope.js"):
+        c.check(await s.call("GET", f"/ui/{name}", anonymous=True), "/ui/{name}", "GET")
+    c.check(await s.call("GET", "/v1/stats"), "/v1/stats", "GET")
     c.check(await s.call("GET", "/readyz"), "/readyz", "GET")
     c.check(await s.call("GET", "/openapi.json"), "/openapi.json", "GET")
 
@@ -382,6 +386,7 @@ async def test_real_responses_match_the_document(services: ServiceFactory) -> No
         ("GET", deliveries_path, deliveries_path),
         ("GET", delivery_path, f"/v1/webhooks/deliveries/{delivery['id']}"),
         ("POST", retry_path, retry),
+        ("GET", "/v1/stats", "/v1/stats"),
     ):
         reply = await s.call(method, path, anonymous=True)
         assert reply.status == 401
@@ -443,6 +448,7 @@ async def test_real_responses_match_the_document(services: ServiceFactory) -> No
         ("GET", deliveries_path, deliveries_path),
         ("GET", delivery_path, f"/v1/webhooks/deliveries/{delivery['id']}"),
         ("POST", retry_path, retry),
+        ("GET", "/v1/stats", "/v1/stats"),
     ):
         reply = await s.call(method, path)
         assert reply.status == 503, (path, reply)

@@ -57,6 +57,7 @@ from .http import (
 from .jobs import DEFAULT_LIST_LIMIT, MAX_BATCH, MAX_LIST_LIMIT, MAX_WAIT, JobsResource
 from .ops import OpsResource
 from .routes import ApiResource, mount, paths
+from .ui import DashboardResource
 from .views import job_view
 from .waiters import JobWaiters
 from .webhooks import WebhooksResource
@@ -88,6 +89,7 @@ RESOURCES: tuple[type[ApiResource], ...] = (
     EventsResource,
     WebhooksResource,
     ExportResource,
+    DashboardResource,
     OpsResource,
 )
 """Every resource of the API, mounted on ``JobAPI.app`` and documented, in this order."""

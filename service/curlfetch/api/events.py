@@ -169,7 +169,12 @@ class EventsResource(ApiResource):
         if last:
             cursor = parse_event_id(last)
             if cursor is None:
-                raise ApiError(400, "invalid_request", f"{last!r} is not an event id of ours")
+                raise ApiError(
+                    400,
+                    "invalid_request",
+                    f"{last[:50]!r} is not an event id of ours",
+                    field="last_event_id" if raw is None else "Last-Event-ID",
+                )
         if api.draining:
             raise ApiError(
                 503,

@@ -251,6 +251,7 @@ def _filter_fields(where: JobFilter) -> list[tuple[str, str]]:
     if where.metadata_key is not None:
         value = "" if where.metadata_value is None else f":{where.metadata_value}"
         fields.append(("curlfetch-filter-metadata", where.metadata_key + value))
-    if where.batch is not None:
-        fields.append(("curlfetch-filter-batch", where.batch))
+    for name, chosen in (("batch", where.batch), ("host", where.host), ("error", where.error)):
+        if chosen is not None:
+            fields.append((f"curlfetch-filter-{name}", chosen))
     return fields

@@ -183,7 +183,23 @@ BATCH = Param(
     pattern="[0-9a-f]{32}",
     description="Jobs of this batch.",
 )
-FILTERS = (STATE, CREATED_SINCE, CREATED_UNTIL, METADATA, BATCH)
+HOST = Param(
+    "host",
+    {"type": "string"},
+    str.lower,
+    "host must be host:port",
+    pattern=r"[^\s:/?#]{1,255}:[0-9]{1,5}|\[[0-9A-Fa-f:.]{2,45}\]:[0-9]{1,5}",
+    description="Jobs to this `host:port` (`example.org:443`).",
+)
+ERROR = Param(
+    "error",
+    {"type": "string"},
+    str,
+    "error must be an error code or curl name",
+    pattern="[A-Za-z0-9_]{1,64}",
+    description="Failed jobs with this error (`COULDNT_CONNECT`, `egress_denied`, ...).",
+)
+FILTERS = (STATE, CREATED_SINCE, CREATED_UNTIL, METADATA, BATCH, HOST, ERROR)
 """What the list and the exports select by."""
 
 
@@ -198,6 +214,8 @@ def job_filter(request: IRequest) -> JobFilter:
         metadata_key=None if metadata is None else metadata[0],
         metadata_value=None if metadata is None else metadata[1],
         batch=BATCH.get(request),
+        host=HOST.get(request),
+        error=ERROR.get(request),
     )
 
 

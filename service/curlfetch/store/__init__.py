@@ -74,6 +74,10 @@ class JobFilter:
     metadata_key: str | None = None
     metadata_value: str | None = None
     batch: str | None = None
+    host: str | None = None
+    """``host:port`` as the scheduler keys it (lower-cased)."""
+    error: str | None = None
+    """The error's code or curl name (``COULDNT_CONNECT``, ``egress_denied``)."""
 
 
 @attrs.frozen
@@ -243,6 +247,7 @@ class JobStore(Protocol):
     event_listeners: list[Callable[[], None]]
     delivery_listeners: list[Callable[[], None]]
 
+    def client_counts(self, client: str) -> Deferred[dict[JobState, int]]: ...
     def get_batch(self, client: str, batch_id: str) -> Deferred[Batch | None]: ...
     def batch_finished(self, client: str, batch_id: str) -> Deferred[bool | None]: ...
     def list_batches(

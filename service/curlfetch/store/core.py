@@ -620,6 +620,12 @@ class StoreCore(LoopMethods):
         if where.batch is not None:
             conditions.append(f"batch = {p}")
             params.append(where.batch)
+        if where.host is not None:
+            conditions.append(f"host = {p}")
+            params.append(where.host)
+        if where.error is not None:
+            conditions.append(f"error_code = {p}")
+            params.append(where.error)
         if where.metadata_key is not None:
             condition, values = self.sql.metadata_match(where.metadata_key, where.metadata_value)
             conditions.append(condition)
@@ -718,6 +724,18 @@ class StoreCore(LoopMethods):
         def counts(conn: Connection) -> tuple[dict[JobState, int], Delta]:
             out = dict.fromkeys(JobState, 0)
             for state, n in conn.execute("SELECT state, count(*) FROM jobs GROUP BY state"):
+                out[JobState(state)] = n
+            return out, NONE
+
+        return self._read(counts)
+
+    def client_counts(self, client: str) -> Deferred[dict[JobState, int]]:
+        """The client's jobs by state (the dashboard's tiles)."""
+        query = f"SELECT state, count(*) FROM jobs WHERE client = {self.sql.p} GROUP BY state"  # noqa: S608
+
+        def counts(conn: Connection) -> tuple[dict[JobState, int], Delta]:
+            out = dict.fromkeys(JobState, 0)
+            for state, n in conn.execute(query, (client,)):
                 out[JobState(state)] = n
             return out, NONE
 

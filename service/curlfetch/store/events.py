@@ -219,7 +219,10 @@ def parse_event_id(raw: str) -> tuple[int, int] | None:
     txid, sep, seq = raw.partition("-")
     if not sep or not txid.isdigit() or not seq.isdigit() or len(raw) > 40:
         return None
-    return int(txid), int(seq)
+    parsed = int(txid), int(seq)
+    if max(parsed) >= 2**63:  # both are BIGINT in the store
+        return None
+    return parsed
 
 
 def new_message_id() -> str:
