@@ -553,12 +553,38 @@ def doctor() -> None:
         checks.append(("token", True, "accepted"))
     else:
         checks.append(("token", False, _error_line(auth)))
-    doc = api.client.get("/openapi.json")
-    if doc.status_code == 200:
-        info = doc.json().get("info", {})
+    info = api.client.get("/v1/info")
+    if info.status_code == 200:
+        data = info.json()
+        curl = data["libcurl"]
         checks.append(
-            ("api", True, f"{info.get('title', 'curlfetch')} {info.get('version', '')}".strip())
+            (
+                "server",
+                True,
+                f"curlfetch {data['version']}, libcurl {curl['version']} ({curl['ssl']})",
+            )
         )
+        missing = [f for f in ("AsynchDNS", "HTTP2", "HTTP3") if f not in curl["features"]]
+        detail = "features " + " ".join(curl["features"])
+        if missing:
+            detail += "; missing: " + " ".join(missing)
+        checks.append(("curl", "AsynchDNS" in curl["features"], detail))
+        egress = data["egress"]
+        if egress is not None:
+            ports = ",".join(egress["allow_ports"])
+            words = f"ports {ports}"
+            if not egress["loopback_allowed"]:
+                words += (
+                    "; loopback is denied (jobs to 127.0.0.1 or localhost fail with "
+                    "egress_denied; the service needs --allow-cidr 127.0.0.0/8 for them)"
+                )
+            if not egress["private_allowed"]:
+                words += "; private networks are denied"
+            if egress["allow_hosts"]:
+                words += "; only hosts " + ",".join(egress["allow_hosts"])
+            checks.append(("egress", True, words))
+    elif auth.status_code == 200:
+        checks.append(("server", False, _error_line(info)))
     _report(out, checks)
     if not all(ok for _, ok, _ in checks):
         sys.exit(EXIT_UNREACHABLE if not checks[2][1] else EXIT_FAILED)

@@ -153,6 +153,13 @@ async def test_exit_codes_and_one_line_errors(daemons: Daemons, target: Loopback
     doctor = await cli(d, "doctor")
     assert doctor.returncode == 0, doctor
     assert "ok   token" in doctor.stdout
+    assert "AsynchDNS" in doctor.stdout
+    assert "ports 1024-65535" in doctor.stdout  # the test daemons' --allow-port
+    strict = daemons.make(name="strict")
+    strict.egress = []  # the default egress policy
+    await strict.start()
+    said = await cli(strict, "doctor")
+    assert "loopback is denied" in said.stdout, said.stdout
     doctor = await cli(d, "doctor", env={"CURLFETCH_TOKEN": "wrong-token-0123456789abcdef"})
     assert doctor.returncode == 3
     assert "FAIL token" in doctor.stdout

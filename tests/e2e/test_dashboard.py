@@ -148,6 +148,8 @@ async def test_watch_a_batch_open_jobs_and_filter(daemons: Daemons, target: Loop
         )
         assert page.text_content("#batches .batch-state") == "completed"
         until(page, "document.querySelector('#rate').textContent.startsWith('last minute: 12 ')")
+        hosts = page.text_content("#hosts tbody") or ""
+        assert "COULDNT_CONNECT 2" in hosts, hosts
         shot(page, "dashboard-overview.png")
         page.select_option("#f-state", "failed")
         page.click("#filters button")

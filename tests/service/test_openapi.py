@@ -171,6 +171,7 @@ async def test_real_responses_match_the_document(services: ServiceFactory) -> No
     for name in ("app.js", "app.css", "nope.js"):
         c.check(await s.call("GET", f"/ui/{name}", anonymous=True), "/ui/{name}", "GET")
     c.check(await s.call("GET", "/v1/stats"), "/v1/stats", "GET")
+    c.check(await s.call("GET", "/v1/info"), "/v1/info", "GET")
     c.check(await s.call("GET", "/readyz"), "/readyz", "GET")
     c.check(await s.call("GET", "/openapi.json"), "/openapi.json", "GET")
 
@@ -387,6 +388,7 @@ async def test_real_responses_match_the_document(services: ServiceFactory) -> No
         ("GET", delivery_path, f"/v1/webhooks/deliveries/{delivery['id']}"),
         ("POST", retry_path, retry),
         ("GET", "/v1/stats", "/v1/stats"),
+        ("GET", "/v1/info", "/v1/info"),
     ):
         reply = await s.call(method, path, anonymous=True)
         assert reply.status == 401

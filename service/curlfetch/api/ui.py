@@ -11,13 +11,15 @@ no framing), ``nosniff`` and no referrer.
 
 from __future__ import annotations
 
-from importlib import resources
+from importlib import metadata, resources
 from typing import TYPE_CHECKING, Any
 
+import pycurl
 from twisted.web.iweb import IRequest
 
+from ..egress import EgressPolicy
 from ..jobs import JobState
-from ..openapi import BAD_AUTH_RESPONSE, V1_ERRORS, json_content, ref
+from ..openapi import BAD_AUTH_RESPONSE, INTERNAL, UNAUTHORIZED, V1_ERRORS, json_content, ref
 from .http import ApiError, json_response
 from .routes import ApiResource, route
 
@@ -77,14 +79,21 @@ def _stats_doc(api: JobAPI) -> dict[str, Any]:
                 "content": json_content(
                     {
                         "type": "object",
-                        "required": ["jobs"],
+                        "required": ["jobs", "hosts"],
                         "properties": {
+                            "hosts": {
+                                "type": "array",
+                                "description": "The caller's busiest hosts (20 at most): "
+                                "queued and running jobs, failures of the last 10 minutes "
+                                "by error code.",
+                                "items": {"type": "object"},
+                            },
                             "jobs": {
                                 "type": "object",
                                 "properties": {
                                     s.value: {"type": "integer", "minimum": 0} for s in JobState
                                 },
-                            }
+                            },
                         },
                     }
                 ),
@@ -95,8 +104,72 @@ def _stats_doc(api: JobAPI) -> dict[str, Any]:
     }
 
 
+_FEATURES = (
+    "AsynchDNS",
+    "IPV6",
+    "SSL",
+    "HTTP2",
+    "HTTP3",
+    "BROTLI",
+    "ZSTD",
+    "LIBZ",
+    "PSL",
+    "HTTPS_PROXY",
+)
+
+
+def libcurl_info() -> dict[str, Any]:
+    """The libcurl under the engine: version, TLS library, features and protocols."""
+    info = pycurl.version_info()
+    bits = info[4]
+    features = [
+        name
+        for name in _FEATURES
+        if getattr(pycurl, f"VERSION_{name.upper()}", 0)
+        and bits & getattr(pycurl, f"VERSION_{name.upper()}")
+    ]
+    return {
+        "version": info[1],
+        "ssl": info[5],
+        "features": features,
+        "protocols": sorted(info[8]),
+    }
+
+
+def _info_doc(api: JobAPI) -> dict[str, Any]:
+    return {
+        "operationId": "getInfo",
+        "summary": "What this service runs and allows: its version, libcurl, the egress "
+        "policy and its limits (what `curlfetch doctor` reads).",
+        "responses": {
+            "200": {
+                "description": "The service's settings.",
+                "content": json_content(
+                    {
+                        "type": "object",
+                        "required": ["version", "libcurl", "egress", "limits"],
+                        "properties": {
+                            "version": {"type": "string"},
+                            "libcurl": {"type": "object"},
+                            "egress": {
+                                "type": ["object", "null"],
+                                "description": "The egress policy; null where none applies "
+                                "(an embedded service without one).",
+                            },
+                            "limits": {"type": "object"},
+                        },
+                    }
+                ),
+            },
+            "400": BAD_AUTH_RESPONSE,
+            "401": UNAUTHORIZED,
+            "500": INTERNAL,
+        },
+    }
+
+
 class DashboardResource(ApiResource):
-    """``/ui/`` and ``/v1/stats``."""
+    """``/ui/``, ``/v1/stats`` and ``/v1/info``."""
 
     @route("/ui/", "GET", _page_doc)
     def page(self, request: IRequest) -> bytes:
@@ -110,9 +183,59 @@ class DashboardResource(ApiResource):
 
     @route("/v1/stats", "GET", _stats_doc)
     async def stats(self, request: IRequest) -> bytes:
-        client = self.api.client(request)
-        counts = await self.api.store.client_counts(client)
-        return json_response(request, {"jobs": {s.value: n for s, n in counts.items()}})
+        api = self.api
+        client = api.client(request)
+        counts = await api.store.client_counts(client)
+        hosts = await api.store.client_hosts(client, api.reactor.seconds() - 600, 20)
+        return json_response(
+            request,
+            {
+                "jobs": {s.value: n for s, n in counts.items()},
+                "hosts": [
+                    {"host": h, "queued": q, "running": r, "recent_errors": errors}
+                    for h, q, r, errors in hosts
+                ],
+            },
+        )
+
+    @route("/v1/info", "GET", _info_doc)
+    def info(self, request: IRequest) -> bytes:
+        api = self.api
+        api.client(request)
+        egress = api.scheduler.config.egress
+        try:
+            version = metadata.version("curlfetch")
+        except metadata.PackageNotFoundError:
+            version = "unknown"
+        return json_response(
+            request,
+            {
+                "version": version,
+                "libcurl": libcurl_info(),
+                "egress": None if egress is None else egress_view(egress),
+                "limits": {
+                    "max_batch": api.max_batch,
+                    "max_batch_bytes": api.max_batch_bytes,
+                    "max_request_bytes": api.max_request_bytes,
+                    "max_queued": api.max_queued,
+                    "max_body_bytes": api.limits.max_body_bytes,
+                    "max_timeout": api.limits.max_timeout,
+                },
+            },
+        )
+
+
+def egress_view(policy: EgressPolicy) -> dict[str, Any]:
+    """The egress policy as data, and whether loopback (local test servers) is allowed."""
+    return {
+        "allow_ports": [f"{lo}-{hi}" if lo != hi else str(lo) for lo, hi in policy.allow_ports],
+        "allow_cidrs": [str(n) for n in policy.allow_cidrs],
+        "deny_cidrs": [str(n) for n in policy.deny_cidrs],
+        "allow_hosts": list(policy.allow_hosts),
+        "deny_hosts": list(policy.deny_hosts),
+        "loopback_allowed": policy.check_address("127.0.0.1", 8080) is None,
+        "private_allowed": policy.check_address("10.0.0.1", 80) is None,
+    }
 
 
 def _send(request: IRequest, name: str) -> bytes:

@@ -741,6 +741,33 @@ class StoreCore(LoopMethods):
 
         return self._read(counts)
 
+    def client_hosts(
+        self, client: str, errors_since: float, limit: int
+    ) -> Deferred[list[tuple[str, int, int, dict[str, int]]]]:
+        """The client's hosts with queued or running jobs or recent failures: (host,
+        queued, running, failures since ``errors_since`` by error code), busiest first."""
+        p = self.sql.p
+        active = (
+            f"SELECT host, state, count(*) FROM jobs WHERE client = {p} "  # noqa: S608
+            "AND state IN ('queued', 'running') GROUP BY host, state"
+        )
+        failed = (
+            f"SELECT host, error_code, count(*) FROM jobs WHERE client = {p} "  # noqa: S608
+            f"AND state = 'failed' AND finished_at >= {p} GROUP BY host, error_code"
+        )
+
+        def hosts(conn: Connection) -> tuple[list[tuple[str, int, int, dict[str, int]]], Delta]:
+            rows: dict[str, list[Any]] = {}
+            for host, state, n in conn.execute(active, (client,)):
+                row = rows.setdefault(host, [host, 0, 0, {}])
+                row[1 if state == "queued" else 2] += n
+            for host, code, n in conn.execute(failed, (client, errors_since)):
+                rows.setdefault(host, [host, 0, 0, {}])[3][str(code)] = n
+            busiest = sorted(rows.values(), key=lambda r: -(r[1] + r[2] + sum(r[3].values())))
+            return [(r[0], r[1], r[2], r[3]) for r in busiest[:limit]], NONE
+
+        return self._read(hosts)
+
     def queued(self) -> int:
         return self._counts.total
 

@@ -112,6 +112,15 @@ async function refresh() {
       tile.dataset.state = name;
       tiles.append(tile);
     }
+    const hosts = $("hosts").tBodies[0];
+    hosts.replaceChildren();
+    for (const h of stats.hosts) {
+      const row = el("tr");
+      const errors = Object.entries(h.recent_errors).map(([code, n]) => code + " " + n).join(", ");
+      row.append(el("td", h.host), el("td", h.queued), el("td", h.running), el("td", errors));
+      row.addEventListener("click", () => { $("f-host").value = h.host; applyFilters(); });
+      hosts.append(row);
+    }
     const batches = await json("/v1/batches?limit=20");
     const body = $("batches").tBodies[0];
     body.replaceChildren();
