@@ -78,11 +78,9 @@ class Api:
         return self.request(method, path, **kwargs).json()
 
     def stream(self, method: str, path: str, **kwargs: Any) -> Any:
-        """A streamed response (a context manager), checked before its body is read."""
-        try:
-            return _Checked(self, self.client.stream(method, path, **kwargs))
-        except httpx.TransportError as e:
-            raise CliError(f"cannot reach {self.url}: {e}", EXIT_UNREACHABLE) from None
+        """A streamed response (a context manager), checked before its body is read (the
+        request goes out on entering it)."""
+        return _Checked(self, self.client.stream(method, path, **kwargs))
 
 
 class _Checked:
@@ -549,10 +547,8 @@ def doctor() -> None:
     detail = "ready" if ready.status_code == 200 else _error_line(ready)
     checks.append(("ready", ready.status_code == 200, detail))
     auth = api.client.get("/v1/jobs", params={"limit": "1"})
-    if auth.status_code == 200:
-        checks.append(("token", True, "accepted"))
-    else:
-        checks.append(("token", False, _error_line(auth)))
+    token_ok = auth.status_code == 200
+    checks.append(("token", token_ok, "accepted" if token_ok else _error_line(auth)))
     info = api.client.get("/v1/info")
     if info.status_code == 200:
         data = info.json()
@@ -583,11 +579,11 @@ def doctor() -> None:
             if egress["allow_hosts"]:
                 words += "; only hosts " + ",".join(egress["allow_hosts"])
             checks.append(("egress", True, words))
-    elif auth.status_code == 200:
+    elif token_ok:
         checks.append(("server", False, _error_line(info)))
     _report(out, checks)
     if not all(ok for _, ok, _ in checks):
-        sys.exit(EXIT_UNREACHABLE if not checks[2][1] else EXIT_FAILED)
+        sys.exit(EXIT_FAILED if token_ok else EXIT_UNREACHABLE)
 
 
 def _report(out: Output, checks: list[tuple[str, bool, str]]) -> None:

@@ -41,6 +41,7 @@ from .auth import WEBHOOK_SECRET_PREFIX
 from .egress import EgressPolicy
 from .engine import CurlClient, CurlError, EgressDeniedError
 from .scheduler import parse_retry_after
+from .store import JobStore
 from .store.events import Delivery
 
 log = Logger()
@@ -83,28 +84,6 @@ class SenderReactor(Protocol):
     def seconds(self) -> float: ...
 
 
-class _Store(Protocol):
-    delivery_listeners: list[Callable[[], None]]
-
-    def claim_deliveries(
-        self, limit: int, now: float, lease: float
-    ) -> Deferred[list[Delivery]]: ...
-    def finish_delivery(
-        self,
-        delivery_id: str,
-        *,
-        state: str,
-        next_at: float,
-        finished_at: float | None,
-        error: str | None,
-        attempt: dict[str, Any],
-        keep: int = 50,
-    ) -> Deferred[bool]: ...
-    def reap_deliveries(self, now: float, *, own: bool = False) -> Deferred[int]: ...
-    def delivery_stats(self) -> Deferred[tuple[int, float | None]]: ...
-    def webhook_secret(self, client: str) -> Deferred[str | None]: ...
-
-
 class _Metrics(Protocol):
     def delivery_finished(self, outcome: str, seconds: float | None) -> None: ...
     def outbox(self, depth: int, oldest_age: float) -> None: ...
@@ -144,7 +123,7 @@ class WebhookSender(Service):
     def __init__(
         self,
         reactor: SenderReactor,
-        store: _Store,
+        store: JobStore,
         client: CurlClient,
         *,
         egress: EgressPolicy | None = None,
@@ -168,8 +147,6 @@ class WebhookSender(Service):
         self._stopping = False
         self._reaped_own = False
         self._secrets: dict[str, tuple[str, float]] = {}
-        self.sent = 0
-        """Attempts made (any outcome)."""
 
     @property
     def in_flight(self) -> int:
@@ -342,7 +319,6 @@ class WebhookSender(Service):
                 retry_after = parse_retry_after(
                     response.headers.get("retry-after"), self._reactor.seconds()
                 )
-        self.sent += 1
         now = self._reactor.seconds()
         attempt["seconds"] = round(now - started, 6)
         if error is None:

@@ -28,7 +28,6 @@ from ..jobs import (
     new_job_id,
     notify_schema,
     parse_notify,
-    rfc3339,
 )
 from ..openapi import (
     BAD_AUTH,
@@ -45,12 +44,10 @@ from ..openapi import (
 from ..store import (
     Batch,
     BatchRecord,
-    IdempotencyInProgressError,
-    IdempotencyMismatchError,
     IdempotencyRecord,
     StoredResponse,
 )
-from ..store.events import batch_state
+from ..store.events import batch_summary
 from .http import (
     JSON_TYPE,
     ApiError,
@@ -61,7 +58,7 @@ from .http import (
     read_body,
     send_stored,
 )
-from .idempotency import IDEMPOTENCY_KEY, idempotency_key, key_refused, release, reserve
+from .idempotency import IDEMPOTENCY_KEY, idempotency_key, idempotently
 from .jobs import (
     CURSOR,
     DEFAULT_LIST_LIMIT,
@@ -70,6 +67,7 @@ from .jobs import (
     WAIT,
     JobsResource,
     job_filter,
+    refuse_if_draining,
     require_secret,
 )
 from .routes import ApiResource, route
@@ -90,18 +88,10 @@ def batch_url(batch_id: str) -> str:
 
 
 def batch_view(batch: Batch) -> dict[str, Any]:
-    """A batch as the API shows it (schema ``BatchView``)."""
+    """A batch as the API shows it (schema ``BatchView``): what events say of it, and
+    its webhook, failures and jobs' link."""
     return {
-        "id": batch.id,
-        "state": batch_state(batch),
-        "total": batch.total,
-        "done": batch.done,
-        "counts": dict(batch.counts),
-        "bytes": batch.bytes,
-        "created_at": rfc3339(batch.created_at),
-        "finished_at": rfc3339(batch.finished_at),
-        "cancelled_at": rfc3339(batch.cancelled_at),
-        "metadata": batch.metadata,
+        **batch_summary(batch),
         "notify": None if batch.notify is None else batch.notify.to_json(),
         "errors": [
             {"code": code, "count": count, "jobs": list(jobs)} for code, count, jobs in batch.errors
@@ -114,21 +104,20 @@ def _new_view(record: BatchRecord, total: int) -> dict[str, Any]:
     """The view of a batch just stored: every job queued."""
     counts = {s.value: 0 for s in JobState}
     counts[JobState.QUEUED.value] = total
-    return {
-        "id": record.id,
-        "state": "running",
-        "total": total,
-        "done": 0,
-        "counts": counts,
-        "bytes": 0,
-        "created_at": rfc3339(record.created_at),
-        "finished_at": None,
-        "cancelled_at": None,
-        "metadata": record.metadata,
-        "notify": None if record.notify is None else record.notify.to_json(),
-        "errors": [],
-        "jobs_url": batch_url(record.id) + "/jobs",
-    }
+    batch = Batch(
+        id=record.id,
+        client=record.client,
+        total=total,
+        created_at=record.created_at,
+        finished_at=None,
+        cancelled_at=None,
+        metadata=record.metadata,
+        notify=record.notify,
+        counts=counts,
+        bytes=0,
+        errors=(),
+    )
+    return batch_view(batch)
 
 
 # -- OpenAPI -------------------------------------------------------------------------------
@@ -326,13 +315,7 @@ class BatchesResource(ApiResource):
     async def submit(self, request: IRequest) -> bytes:
         api = self.api
         client = api.client(request)
-        if api.draining:
-            raise ApiError(
-                503,
-                "draining",
-                "the service is shutting down; submit to another instance or retry",
-                headers={"Retry-After": str(api.retry_after)},
-            )
+        refuse_if_draining(api)
         key = idempotency_key(request)
         media = (request.getHeader(b"content-type") or b"").split(b";", 1)[0].strip().lower()
         if media == NDJSON_TYPE.encode():
@@ -351,19 +334,15 @@ class BatchesResource(ApiResource):
         submission.validate()
         if submission.has_notify():
             await require_secret(api, client)
-        if key is None:
-            return await self._accept(request, client, submission, None)
-        try:
-            stored = await reserve(api.store, api.reactor, client, key, submission.fingerprint())
-            if stored is not None:
-                return send_stored(request, stored, replayed=True)
-            try:
-                return await self._accept(request, client, submission, key)
-            except BaseException:
-                release(api.store, client, key)
-                raise
-        except (IdempotencyMismatchError, IdempotencyInProgressError) as e:
-            raise key_refused(e) from None
+        return await idempotently(
+            api.store,
+            api.reactor,
+            request,
+            client=client,
+            key=key,
+            fingerprint=submission.fingerprint,
+            accept=lambda stored: self._accept(request, client, submission, stored),
+        )
 
     async def _accept(
         self, request: IRequest, client: str, submission: _Submission, key: str | None
@@ -406,6 +385,7 @@ class BatchesResource(ApiResource):
         deadline = api.reactor.seconds() + wait
         pulse = api.event_pulse
         pulse.watch("*")
+        waited = False
         try:
             finished: bool | None = batch.finished_at is not None
             while not finished and not api.draining:
@@ -414,13 +394,14 @@ class BatchesResource(ApiResource):
                     break
                 seen = pulse.version("*")
                 await pulse.wait("*", min(remaining, api.poll_interval), seen)
+                waited = True
                 # One row per wake-up; the jobs are counted once, at the end.
                 finished = await api.store.batch_finished(client, batch_id)
                 if finished is None:
                     raise _not_found(batch_id)
         finally:
             pulse.unwatch("*")
-        if wait > 0:
+        if waited:
             batch = await self._get(client, batch_id)
         return json_response(request, batch_view(batch))
 

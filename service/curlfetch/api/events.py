@@ -28,8 +28,8 @@ from twisted.web.server import NOT_DONE_YET, Request
 from ..jobs import EVENT_TYPES, rfc3339
 from ..openapi import BAD_AUTH, V1_ERRORS, error_response
 from ..store import Event, EventsExpiredError, StoreClosedError
-from ..store.events import parse_event_id
-from .http import ApiError, ClientGoneError, PushStream, dumps, query
+from ..store.events import envelope, parse_event_id
+from .http import ApiError, ClientGoneError, PushStream, dumps
 from .jobs import BATCH
 from .routes import ApiResource, Param, route
 
@@ -74,10 +74,19 @@ FOLLOW = Param(
         "catch-up for scripts, as `tail` without `-f`)."
     ),
 )
+
+
+def _event_id(raw: str) -> tuple[int, int]:
+    parsed = parse_event_id(raw)
+    if parsed is None:
+        raise ValueError(raw)
+    return parsed
+
+
 LAST_EVENT_ID = Param(
     "last_event_id",
     {"type": "string"},
-    str,
+    _event_id,
     "last_event_id is not an event id",
     pattern="[0-9]{1,20}-[0-9]{1,19}",
     description=(
@@ -161,20 +170,18 @@ class EventsResource(ApiResource):
         batch = BATCH.get(request)
         types = TYPES.get(request)
         follow = FOLLOW.get(request)
-        raw = request.getHeader(b"last-event-id")
-        last = raw.decode("latin-1").strip() if raw else query(request, "last_event_id")
-        if last is not None and raw is None:
-            LAST_EVENT_ID.get(request)  # checks its form (400)
-        cursor = None
-        if last:
-            cursor = parse_event_id(last)
+        raw = request.getHeader(b"last-event-id")  # wins over the parameter
+        if raw:
+            cursor = parse_event_id(raw.decode("latin-1").strip())
             if cursor is None:
                 raise ApiError(
                     400,
                     "invalid_request",
-                    f"{last[:50]!r} is not an event id of ours",
-                    field="last_event_id" if raw is None else "Last-Event-ID",
+                    "Last-Event-ID is not an event id of ours",
+                    field="Last-Event-ID",
                 )
+        else:
+            cursor = LAST_EVENT_ID.get(request)
         if api.draining:
             raise ApiError(
                 503,
@@ -330,10 +337,9 @@ class _StalledError(Exception):
 
 def _frame(event: Event) -> bytes:
     """One SSE event; ``data`` is one line (JSON has no raw newlines)."""
-    head = dumps({"id": event.id, "type": event.type, "timestamp": rfc3339(event.created_at)})
-    data = head[:-1] + b',"data":' + event.data.encode() + b"}"
+    head = {"id": event.id, "type": event.type, "timestamp": rfc3339(event.created_at)}
     return b"id: %s\nevent: %s\ndata: %s\n\n" % (
         event.id.encode("ascii"),
         event.type.encode("ascii"),
-        data,
+        envelope(head, event.data).encode(),
     )

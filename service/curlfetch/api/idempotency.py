@@ -5,6 +5,8 @@ reservation in the store, a background release, and the 409/422 answers.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -12,7 +14,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from ..store import IdempotencyInProgressError, IdempotencyMismatchError, JobStore, StoredResponse
-from .http import ApiError, shielded
+from .http import ApiError, send_stored, shielded
 from .routes import Param
 
 log = Logger()
@@ -72,6 +74,37 @@ def release(store: JobStore, client: str, key: str) -> None:
         )
 
     store.release_key(client, key).addErrback(failed)
+
+
+async def idempotently(
+    store: JobStore,
+    clock: IReactorTime,
+    request: IRequest,
+    *,
+    client: str,
+    key: str | None,
+    fingerprint: Callable[[], str],
+    accept: Callable[[str | None], Awaitable[bytes]],
+) -> bytes:
+    """A submission under an optional key: without one, ``accept(None)``. With one,
+    only a request that passed validation reserves it (scoped to the client); the same
+    key and body replay the 201 as first sent, another body is 422, a repeat while the
+    first is still being accepted is 409. A refusal (429, 503, an error) releases the
+    key: only a 201 is recorded, in the transaction that stores what it created."""
+    if key is None:
+        return await accept(None)
+    try:
+        stored = await reserve(store, clock, client, key, fingerprint())
+        if stored is not None:
+            return send_stored(request, stored, replayed=True)
+        try:
+            return await accept(key)
+        except BaseException:
+            # Queued after the add: a no-op if it committed (the key is recorded).
+            release(store, client, key)
+            raise
+    except (IdempotencyMismatchError, IdempotencyInProgressError) as e:
+        raise key_refused(e) from None
 
 
 def key_refused(error: IdempotencyMismatchError | IdempotencyInProgressError) -> ApiError:

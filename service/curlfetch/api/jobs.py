@@ -42,8 +42,6 @@ from ..openapi import (
 )
 from ..store import (
     BatchRecord,
-    IdempotencyInProgressError,
-    IdempotencyMismatchError,
     IdempotencyRecord,
     JobFilter,
     StoredResponse,
@@ -64,7 +62,7 @@ from .http import (
     send_stored,
     shielded,
 )
-from .idempotency import IDEMPOTENCY_KEY, idempotency_key, key_refused, release, reserve
+from .idempotency import IDEMPOTENCY_KEY, idempotency_key, idempotently
 from .routes import ApiResource, Param, route
 from .views import job_schemas, job_url, job_view
 from .waiters import JobWaiters
@@ -453,21 +451,11 @@ class JobsResource(ApiResource):
     async def submit(self, request: IRequest) -> bytes:
         """One spec, or ``{"jobs": [...]}``; all accepted or none.
 
-        With an ``Idempotency-Key``, only a request that passed validation reserves the
-        key (scoped to the client); the same key and body then replay the 201 as first
-        sent, another body is 422, and a repeat while the first is still being accepted
-        is 409. A refusal (429, 503, an error) releases the key: only a 201 is recorded,
-        in the transaction that stores its jobs. The fingerprint is the sha256 of the
-        raw body: a client's retry sends the same bytes (the Content-Type must be JSON
-        anyway, and its parameters do not change the meaning)."""
+        An ``Idempotency-Key`` works as ``idempotently`` says. The fingerprint is the
+        sha256 of the raw body: a client's retry sends the same bytes (the Content-Type
+        must be JSON anyway, and its parameters do not change the meaning)."""
         client = self.api.client(request)
-        if self.api.draining:
-            raise ApiError(
-                503,
-                "draining",
-                "the service is shutting down; submit to another instance or retry",
-                headers={"Retry-After": str(self.api.retry_after)},
-            )
+        refuse_if_draining(self.api)
         key = idempotency_key(request)
         check_length(request, self.api.max_request_bytes)
         check_content_type(request)
@@ -476,21 +464,16 @@ class JobsResource(ApiResource):
         specs, batch = self._parse_submission(payload)
         if any(spec.notify is not None for spec in specs):
             await require_secret(self.api, client)
-        if key is None:
-            return await self._accept(request, client, specs, batch, None)
-        fingerprint = hashlib.sha256(data).hexdigest()
-        try:
-            stored = await reserve(self.api.store, self.api.reactor, client, key, fingerprint)
-            if stored is not None:
-                return send_stored(request, stored, replayed=True)
-            try:
-                return await self._accept(request, client, specs, batch, key)
-            except BaseException:
-                # Queued after the add: a no-op if it committed (the key is recorded).
-                release(self.api.store, client, key)
-                raise
-        except (IdempotencyMismatchError, IdempotencyInProgressError) as e:
-            raise key_refused(e) from None
+        api = self.api
+        return await idempotently(
+            api.store,
+            api.reactor,
+            request,
+            client=client,
+            key=key,
+            fingerprint=lambda: hashlib.sha256(data).hexdigest(),
+            accept=lambda stored: self._accept(request, client, specs, batch, stored),
+        )
 
     async def _accept(
         self, request: IRequest, client: str, specs: list[JobSpec], batch: bool, key: str | None
@@ -743,6 +726,17 @@ class JobsResource(ApiResource):
             return [JobSpec.from_json(payload, self.api.limits)], False
         except SpecError as e:
             raise _spec_error(e) from None
+
+
+def refuse_if_draining(api: JobAPI) -> None:
+    """503 ``draining`` for a submission while the service shuts down."""
+    if api.draining:
+        raise ApiError(
+            503,
+            "draining",
+            "the service is shutting down; submit to another instance or retry",
+            headers={"Retry-After": str(api.retry_after)},
+        )
 
 
 async def require_secret(api: JobAPI, client: str) -> None:

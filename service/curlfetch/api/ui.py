@@ -122,12 +122,7 @@ def libcurl_info() -> dict[str, Any]:
     """The libcurl under the engine: version, TLS library, features and protocols."""
     info = pycurl.version_info()
     bits = info[4]
-    features = [
-        name
-        for name in _FEATURES
-        if getattr(pycurl, f"VERSION_{name.upper()}", 0)
-        and bits & getattr(pycurl, f"VERSION_{name.upper()}")
-    ]
+    features = [name for name in _FEATURES if bits & getattr(pycurl, f"VERSION_{name.upper()}", 0)]
     return {
         "version": info[1],
         "ssl": info[5],

@@ -617,15 +617,14 @@ class StoreCore(LoopMethods):
         if where.created_until is not None:
             conditions.append(f"created_at < {p}")
             params.append(where.created_until)
-        if where.batch is not None:
-            conditions.append(f"batch = {p}")
-            params.append(where.batch)
-        if where.host is not None:
-            conditions.append(f"host = {p}")
-            params.append(where.host)
-        if where.error is not None:
-            conditions.append(f"error_code = {p}")
-            params.append(where.error)
+        for column, wanted in (
+            ("batch", where.batch),
+            ("host", where.host),
+            ("error_code", where.error),
+        ):
+            if wanted is not None:
+                conditions.append(f"{column} = {p}")
+                params.append(wanted)
         if where.metadata_key is not None:
             condition, values = self.sql.metadata_match(where.metadata_key, where.metadata_value)
             conditions.append(condition)

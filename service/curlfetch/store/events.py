@@ -34,7 +34,7 @@ from typing import Any
 import attrs
 
 from ..jobs import Job, JobState, Notify, rfc3339
-from .portable import Connection, Types
+from .portable import Connection, Types, cancel_jobs
 from .rows import COLUMNS, dumps
 
 
@@ -202,6 +202,9 @@ class Delivery:
     log: tuple[dict[str, Any], ...]
 
 
+BATCH_COLUMNS = "id, client, total, created_at, finished_at, cancelled_at, metadata, notify"
+"""What ``read_batch`` reads, in its order."""
+
 DELIVERY_COLUMNS = (
     "id, client, url, type, batch, job, payload, state, created_at, next_at, finished_at, "
     "attempts, last_error, log"
@@ -246,10 +249,7 @@ class LoopSQL:
             "INSERT INTO batches (id, client, total, created_at, metadata, notify) "  # noqa: S608
             f"VALUES ({p}, {p}, {p}, {p}, {p}, {p})"
         )
-        self.batch_row = (
-            "SELECT id, client, total, created_at, finished_at, cancelled_at, metadata, "  # noqa: S608
-            f"notify FROM batches WHERE id = {p}"
-        )
+        self.batch_row = f"SELECT {BATCH_COLUMNS} FROM batches WHERE id = {p}"  # noqa: S608
         self.batch_get = f"{self.batch_row} AND client = {p}"
         self.batch_lock = f"{self.batch_row}{for_update}"
         self.batch_counts = (
@@ -272,7 +272,8 @@ class LoopSQL:
             f"UPDATE batches SET finished_at = {p} WHERE id = {p} AND finished_at IS NULL"  # noqa: S608
         )
         self.batch_list = (
-            f"SELECT id FROM batches WHERE client = {p} {{before}}ORDER BY id DESC LIMIT {p}"  # noqa: S608
+            f"SELECT {BATCH_COLUMNS} FROM batches WHERE client = {p} "  # noqa: S608
+            f"{{before}}ORDER BY id DESC LIMIT {p}"
         )
         self.batch_cancel_mark = (
             f"UPDATE batches SET cancelled_at = {p} WHERE id = {p} AND cancelled_at IS NULL"  # noqa: S608
@@ -282,9 +283,7 @@ class LoopSQL:
             f"AND state IN ('queued', 'running') ORDER BY seq{for_update}"
         )
         self.batch_cancel_jobs = (
-            f"UPDATE jobs SET state = 'cancelled', finished_at = {p}, owner = NULL, "  # noqa: S608
-            f"lease_until = NULL WHERE batch = {p} AND state IN ('queued', 'running') "
-            f"RETURNING {COLUMNS}"
+            f"{cancel_jobs(p)} batch = {p} AND state IN ('queued', 'running') RETURNING {COLUMNS}"
         )
         self.batch_purge = f"DELETE FROM batches WHERE finished_at < {p}"  # noqa: S608
         self.event_insert = (
@@ -358,6 +357,12 @@ class LoopSQL:
 
 
 # -- in the database thread --------------------------------------------------------------
+
+
+def envelope(head: dict[str, Any], data: str) -> str:
+    """``head`` as a JSON object with ``"data"`` added: the event's JSON as stored, not
+    decoded and encoded again (a webhook's body, an SSE event's data)."""
+    return f'{dumps(head)[:-1]},"data":{data}}}'
 
 
 def job_summary(job: Job) -> dict[str, Any]:
@@ -435,11 +440,14 @@ class Recorder:
         data: dict[str, Any],
         notifies: Iterable[Notify | None],
     ) -> None:
-        self._events.append((client, kind, batch, job, self.now, dumps(data)))
+        payload = dumps(data)
+        self._events.append((client, kind, batch, job, self.now, payload))
         self.events += 1
+        body = None
         for notify in notifies:
             if notify is not None and kind in notify.events:
-                body = dumps({"type": kind, "timestamp": rfc3339(self.now), "data": data})
+                if body is None:
+                    body = envelope({"type": kind, "timestamp": rfc3339(self.now)}, payload)
                 self._deliveries.append(
                     (
                         new_message_id(),

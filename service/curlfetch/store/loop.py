@@ -101,13 +101,8 @@ class LoopMethods(abc.ABC):
         )
 
         def list_batches(conn: Connection) -> tuple[list[Batch], Any]:
-            ids = [r[0] for r in conn.execute(query, params).fetchall()]
-            out = []
-            for batch_id in ids:
-                row = conn.execute(sql.batch_row, (batch_id,)).fetchone()
-                if row is not None:
-                    out.append(read_batch(conn, sql, row))
-            return out, {}
+            rows = conn.execute(query, params).fetchall()
+            return [read_batch(conn, sql, row) for row in rows], {}
 
         return self._read(list_batches)
 

@@ -97,6 +97,14 @@ def idempotency_keys_table(t: Types) -> str:
         """
 
 
+def cancel_jobs(p: str) -> str:
+    """The start of an UPDATE that cancels the jobs its WHERE (to be appended) selects."""
+    return (
+        f"UPDATE jobs SET state = 'cancelled', finished_at = {p}, owner = NULL, "  # noqa: S608
+        "lease_until = NULL WHERE"
+    )
+
+
 class PortableSQL:
     """The statements both backends run as they are, in the backend's placeholder style
     (``p``); ``for_update`` locks the rows read before a change (PostgreSQL: other
@@ -121,10 +129,7 @@ class PortableSQL:
         self.get_for_cancel = (
             f"SELECT {COLUMNS}, owner FROM jobs WHERE id = {p} AND client = {p}{for_update}"  # noqa: S608
         )
-        self.cancel = (
-            f"UPDATE jobs SET state = 'cancelled', finished_at = {p}, owner = NULL, "  # noqa: S608
-            f"lease_until = NULL WHERE seq = {p} RETURNING {COLUMNS}"
-        )
+        self.cancel = f"{cancel_jobs(p)} seq = {p} RETURNING {COLUMNS}"
         self.requeue_running = (
             "UPDATE jobs SET state = 'queued', owner = NULL, lease_until = NULL "  # noqa: S608
             f"WHERE id = {p} AND state = 'running' RETURNING client"
