@@ -574,6 +574,35 @@ async def test_max_body_bytes_enforced_mid_transfer(engine: Engine, target: Loop
 
 
 @pytest_twisted.ensureDeferred
+async def test_truncate_body_keeps_a_prefix(engine: Engine, target: LoopbackSite) -> None:
+    """truncate_body keeps exactly the first max_body_bytes bytes of a body longer than
+    that (Content-Length or chunked, stopping long before a slow stream ends) and reports
+    it as truncated; a body within the limit is whole and not truncated; truncate_body
+    without max_body_bytes is refused before any I/O."""
+    client = engine.client()
+    cut = await engine.fetch(
+        client, target.url("/bytes?n=200000"), max_body_bytes=1000, truncate_body=True
+    )
+    assert (cut.status, cut.body, cut.truncated) == (200, pattern_bytes(200_000)[:1000], True)
+    start = time.monotonic()
+    cut = await engine.fetch(
+        client,
+        target.url("/stream?n=2000000&chunk=65536&delay=0.05"),
+        max_body_bytes=100_000,
+        truncate_body=True,
+    )
+    assert cut.body == pattern_bytes(2_000_000)[:100_000]
+    assert cut.truncated
+    assert time.monotonic() - start < 0.8  # the whole stream takes ~1.5 s
+    whole = await engine.fetch(
+        client, target.url("/bytes?n=1000"), max_body_bytes=1000, truncate_body=True
+    )
+    assert (len(whole.body), whole.truncated) == (1000, False)
+    with pytest.raises(ValueError, match="truncate_body"):
+        client.fetch(target.url("/bytes"), truncate_body=True)
+
+
+@pytest_twisted.ensureDeferred
 async def test_http_versions_over_tls(tls_site: TLSSite, engine: Engine) -> None:
     """http_version "1.1" and "2" are negotiated as asked over TLS; the default is HTTP/2;
     "1.1" never rides a pooled HTTP/2 connection; "3" either works (falling back to TCP

@@ -160,6 +160,7 @@ class _Transfer:
         "received",
         "request",
         "stream",
+        "truncated",
         "upload",
     )
 
@@ -178,6 +179,7 @@ class _Transfer:
         self.stream: IO[bytes] | None = None
         self.error: BaseException | None = None
         self.received = 0
+        self.truncated = False  # truncate_body: the cap was reached, the rest refused
         self.queued_at = 0.0
         self.queue_wait = 0.0
         self.paused = False
@@ -207,10 +209,27 @@ class _Transfer:
         return False
 
     def write_capped(self, data: bytes) -> int | None:
+        assert self.chunks is not None
+        if self.request.truncate_body:
+            return self._write_truncating(data)
         if self._over_cap(data):
             return 0
-        assert self.chunks is not None
         self.chunks.append(data)
+        return None
+
+    def _write_truncating(self, data: bytes) -> int | None:
+        """Keep up to ``max_body_bytes``, then refuse the rest: curl ends the transfer
+        with CURLE_WRITE_ERROR, which ``_on_done`` takes as a success (``truncated``)."""
+        assert self.chunks is not None
+        assert self.request.max_body_bytes is not None
+        keep = self.request.max_body_bytes - self.received
+        if len(data) > keep:
+            self.chunks.append(data[:keep])
+            self.received += keep
+            self.truncated = True
+            return 0
+        self.chunks.append(data)
+        self.received += len(data)
         return None
 
     def write_file(self, data: bytes) -> int | None:
@@ -513,7 +532,7 @@ class CurlClient:
             result = Failure(t.error)
         elif guard is not None and guard.error is not None:
             result = Failure(guard.error)
-        elif error is not None:
+        elif error is not None and not t.truncated:
             result = Failure(error if guard is None else guard.failure(error))
         else:
             try:
@@ -549,6 +568,7 @@ class CurlClient:
             body=body,
             body_path=t.body_file.name if t.body_file is not None else None,
             queue_wait=t.queue_wait,
+            truncated=t.truncated,
         )
 
     def _cancel(self, t: _Transfer) -> None:

@@ -60,6 +60,10 @@ class Request:
     max_redirects: int = 10
     max_body_bytes: int | None = attrs.field(default=None, validator=_positive)
     """Stop, with ``BodyTooLargeError``, once the (decoded) body would pass this."""
+    truncate_body: bool = False
+    """With ``max_body_bytes`` and no sink: keep the body's first ``max_body_bytes``
+    bytes and end the transfer there as a success (``Response.truncated``) instead of
+    failing it. For readers that must parse a prefix, as a robots.txt parser must."""
     max_header_bytes: int | None = attrs.field(default=None, validator=_positive)
     """Stop, with ``HeadersTooLargeError``, once the response headers (status lines and
     line ends included, every redirect counted) would pass this."""
@@ -105,6 +109,8 @@ class Request:
                 raise ValueError(f"headers[{index}]: value must not contain CR, LF or NUL")
         if self.max_redirects < 0:
             raise ValueError("max_redirects must be >= 0")
+        if self.truncate_body and (self.max_body_bytes is None or self.sink is not None):
+            raise ValueError("truncate_body needs max_body_bytes and no sink")
         if self.http_version is not None:
             if self.http_version not in HTTP_VERSIONS:
                 raise ValueError(
@@ -157,6 +163,7 @@ class RequestOptions(TypedDict, total=False):
     follow_redirects: bool
     max_redirects: int
     max_body_bytes: int | None
+    truncate_body: bool
     max_header_bytes: int | None
     http_version: str | None
     decode: bool
@@ -199,7 +206,7 @@ def configure(curl: pycurl.Curl, request: Request) -> None:
         limit, seconds = request.low_speed
         setopt(pycurl.LOW_SPEED_LIMIT, int(limit))
         setopt(pycurl.LOW_SPEED_TIME, max(1, round(seconds)))
-    if request.max_body_bytes is not None:
+    if request.max_body_bytes is not None and not request.truncate_body:
         setopt(pycurl.MAXFILESIZE_LARGE, request.max_body_bytes)
     if request.http_version is not None:
         setopt(pycurl.HTTP_VERSION, HTTP_VERSIONS[request.http_version])

@@ -145,6 +145,7 @@ class Response:
         "status",
         "timings",
         "tls_verify_result",
+        "truncated",
         "url",
     )
 
@@ -173,6 +174,7 @@ class Response:
         request_size: int,
         tls_verify_result: int,
         timings: Timings,
+        truncated: bool = False,
     ) -> None:
         self.url = url
         self.method = method
@@ -198,6 +200,8 @@ class Response:
         self.request_size = request_size
         self.tls_verify_result = tls_verify_result
         self.timings = timings
+        self.truncated = truncated
+        """The body was cut at ``max_body_bytes`` (``Request.truncate_body``)."""
 
     @property
     def header_lines(self) -> list[bytes]:
@@ -245,6 +249,7 @@ def build_response(
     body: bytes | None,
     body_path: str | None,
     queue_wait: float,
+    truncated: bool = False,
 ) -> Response:
     """Read curl's per-transfer record off a finished handle, before it is reset."""
     info = curl.getinfo
@@ -281,4 +286,5 @@ def build_response(
             redirect=info(pycurl.REDIRECT_TIME_T) * us,
             total=info(pycurl.TOTAL_TIME_T) * us,
         ),
+        truncated=truncated,
     )
