@@ -54,6 +54,9 @@ class ExportCounts:
     """Bodies whose record was gone or damaged (a metadata record says which)."""
     no_body: int = 0
     """Selected jobs without a stored body (not finished, failed, or no content)."""
+    not_modified: int = 0
+    """Jobs answered 304: a metadata record names the job whose body it is (copying that
+    record again would repeat its WARC-Record-ID)."""
 
 
 class WarcExport:
@@ -87,6 +90,17 @@ class WarcExport:
         self.counts.jobs += 1
         result = job.result
         info = result.body if result is not None else None
+        if result is not None and result.not_modified:
+            self.counts.not_modified += 1
+            yield self._metadata(
+                job.spec.url,
+                [
+                    ("curlfetch-job-id", job.id),
+                    ("curlfetch-not-modified", "true"),
+                    ("curlfetch-body-of", result.body_of or ""),
+                ],
+            )
+            return
         if result is None or info is None:
             self.counts.no_body += 1
             return
@@ -117,6 +131,7 @@ class WarcExport:
                 ("export-responses-built", str(c.built)),
                 ("export-skipped", str(c.skipped)),
                 ("export-no-body", str(c.no_body)),
+                ("export-not-modified", str(c.not_modified)),
                 ("export-complete", "true"),
             ],
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import email.utils
 import enum
 import os
 import re
@@ -113,6 +114,9 @@ class Limits:
         {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
     )
     schemes: frozenset[str] = frozenset({"http", "https"})
+    default_robots: str = "ignore"
+    """What a job without ``robots`` does (``--robots``): written into its spec, so a
+    job keeps the policy it was accepted under."""
 
 
 @attrs.frozen
@@ -229,6 +233,13 @@ class JobSpec:
     deadline: float | None
     metadata: dict[str, Any] | None
     notify: Notify | None = None
+    robots: str = "ignore"
+    """"obey": the origin's robots.txt decides whether this URL is fetched."""
+    if_none_match: str | None = None
+    if_modified_since: str | None = None
+    revalidate: str | None = None
+    """The earlier job (of the same client) whose validators were taken: a 304 ends
+    this job ``not_modified``, its body that job's body."""
     host: str = attrs.field(init=False, eq=False, repr=False)
     """The politeness key: scheme-less host:port, lower-cased. Computed once from ``url``
     (the scheduler and the store read it per job, several times); not part of equality."""
@@ -256,6 +267,11 @@ class JobSpec:
         }
         if self.notify is not None:
             out["notify"] = self.notify.to_json()
+        out["robots"] = self.robots
+        for name in ("if_none_match", "if_modified_since", "revalidate"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
         if self.body is not None:
             out["body_base64"] = base64.b64encode(self.body).decode("ascii")
         return out
@@ -264,6 +280,31 @@ class JobSpec:
     def from_json(cls, raw: object, limits: Limits) -> JobSpec:
         """Validate one submitted spec; raise ``SpecError`` naming the first bad field."""
         return _parse_spec(raw, limits)
+
+    @property
+    def origin(self) -> str:
+        """``scheme://host:port``, lower-cased: whose robots.txt applies."""
+        return origin_of(self.url.split(":", 1)[0].lower(), self.host)
+
+    def conditional_headers(self) -> tuple[tuple[str, str], ...]:
+        """The request headers the validators become."""
+        out: list[tuple[str, str]] = []
+        if self.if_none_match is not None:
+            out.append(("If-None-Match", self.if_none_match))
+        if self.if_modified_since is not None:
+            out.append(("If-Modified-Since", self.if_modified_since))
+        return tuple(out)
+
+    def revalidating(self, job_id: str, etag: str | None, last_modified: str | None) -> JobSpec:
+        """This spec with ``job_id``'s validators, where it does not give its own."""
+        return attrs.evolve(
+            self,
+            revalidate=job_id,
+            if_none_match=self.if_none_match if self.if_none_match is not None else etag,
+            if_modified_since=(
+                self.if_modified_since if self.if_modified_since is not None else last_modified
+            ),
+        )
 
 
 def _check_url(url: str, limits: Limits) -> None:
@@ -443,6 +484,99 @@ class _Body(Field):
         return {self.base64_name: ({"type": "string", "contentEncoding": "base64"}, False)}
 
 
+@attrs.frozen
+class _Robots(Field):
+    """``obey`` or ``ignore``; absent: the service's default (``Limits.default_robots``)."""
+
+    def bind(self, limits: Limits) -> Check:
+        name, default = self.name, limits.default_robots
+
+        def check(raw: Mapping[str, Any], out: dict[str, Any], root: dict[str, Any]) -> None:
+            value = raw.get(name)
+            if value is None:
+                value = default
+            elif value.__class__ is not str or value not in ROBOTS_POLICIES:
+                raise SpecError(name, 'must be "obey" or "ignore"')
+            out[name] = value
+
+        return check
+
+    def schema(self, limits: Limits) -> dict[str, dict[str, Any]]:
+        schema = {"enum": [*ROBOTS_POLICIES, None], "default": limits.default_robots}
+        return {self.name: described(schema, self.description)}
+
+    def view(self, limits: Limits) -> dict[str, tuple[dict[str, Any], bool]]:
+        return {self.name: ({"enum": list(ROBOTS_POLICIES)}, True)}
+
+
+ROBOTS_POLICIES = ("obey", "ignore")
+_JOB_ID = re.compile(r"[0-9a-f]{32}\Z")
+
+
+@attrs.frozen
+class _Validator(Field):
+    """A conditional request's validator: ``etag`` (an entity-tag list, or ``*``) or
+    ``date`` (an HTTP-date), sent as ``header``, which ``headers`` must then not give.
+    Checked after ``headers``."""
+
+    kind: str = "etag"
+    header: str = "If-None-Match"
+
+    def bind(self, limits: Limits) -> Check:
+        name, kind, header = self.name, self.kind, self.header
+        lowered = header.lower()
+
+        def check(raw: Mapping[str, Any], out: dict[str, Any], root: dict[str, Any]) -> None:
+            value = raw.get(name)
+            if value is not None:
+                if value.__class__ is not str or not value or len(value) > 1024:
+                    raise SpecError(name, "must be a string of 1 to 1024 characters")
+                if _NOT_FIELD_VALUE.search(value):
+                    raise SpecError(name, "must be visible ASCII, spaces and tabs")
+                if kind == "date" and not is_http_date(value):
+                    raise SpecError(name, "must be an HTTP-date (Sun, 06 Nov 1994 08:49:37 GMT)")
+                if any(key.lower() == lowered for key, _ in root["headers"]):
+                    raise SpecError(name, f"give {name} or a {header} header, not both")
+            out[name] = value
+
+        return check
+
+    def schema(self, limits: Limits) -> dict[str, dict[str, Any]]:
+        return {self.name: described({"type": ["string", "null"]}, self.description)}
+
+    def view(self, limits: Limits) -> dict[str, tuple[dict[str, Any], bool]]:
+        return {self.name: ({"type": "string"}, False)}
+
+
+@attrs.frozen
+class _JobRef(Field):
+    """A job id, or null."""
+
+    def bind(self, limits: Limits) -> Check:
+        name = self.name
+
+        def check(raw: Mapping[str, Any], out: dict[str, Any], root: dict[str, Any]) -> None:
+            value = raw.get(name)
+            if value is not None and (value.__class__ is not str or not _JOB_ID.match(value)):
+                raise SpecError(name, "must be a job id")
+            out[name] = value
+
+        return check
+
+    def schema(self, limits: Limits) -> dict[str, dict[str, Any]]:
+        return {self.name: described({"type": ["string", "null"]}, self.description)}
+
+    def view(self, limits: Limits) -> dict[str, tuple[dict[str, Any], bool]]:
+        return {self.name: ({"type": "string"}, False)}
+
+
+def is_http_date(value: str) -> bool:
+    try:
+        return email.utils.parsedate_to_datetime(value) is not None
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return False
+
+
 def _default_attempts(limits: Limits, spec: dict[str, Any]) -> int:
     return 3 if spec["method"] in IDEMPOTENT_METHODS else 1
 
@@ -469,6 +603,24 @@ SPEC = Table(
             description=(
                 "[name, value] pairs, sent in order; names are RFC 9110 tokens, "
                 "values must not contain CR, LF or NUL."
+            ),
+        ),
+        _Validator(
+            "if_none_match",
+            description="Sent as If-None-Match; a 304 ends the job `not_modified`.",
+        ),
+        _Validator(
+            "if_modified_since",
+            kind="date",
+            header="If-Modified-Since",
+            description="An HTTP-date, sent as If-Modified-Since.",
+        ),
+        _JobRef(
+            "revalidate",
+            description=(
+                "An earlier succeeded job of yours: its ETag and Last-Modified become "
+                "this job's validators (unless given), and a 304 makes that job's body "
+                "this job's body, not fetched or stored again."
             ),
         ),
         _Body("body", description="A text body, sent as UTF-8."),
@@ -530,6 +682,13 @@ SPEC = Table(
                 "client's secret (see /v1/webhooks/secret)."
             ),
         ),
+        _Robots(
+            "robots",
+            description=(
+                "`obey`: fetched only if the origin's robots.txt (RFC 9309) allows it "
+                "for the service's user agent; else the job fails `robots_disallowed`."
+            ),
+        ),
     ),
     description=(
         "One job to run. Only `url` is required; everything else has a default "
@@ -579,6 +738,10 @@ def spec_from_stored(data: Mapping[str, Any], metadata: dict[str, Any] | None) -
         deadline=data["deadline"],
         metadata=metadata,
         notify=Notify.from_json(data["notify"]) if "notify" in data else None,
+        robots=data.get("robots", "ignore"),
+        if_none_match=data.get("if_none_match"),
+        if_modified_since=data.get("if_modified_since"),
+        revalidate=data.get("revalidate"),
     )
 
 
@@ -642,6 +805,26 @@ class JobResult:
     redirects: tuple[tuple[int, str | None], ...]
     body: BodyInfo | None
     timings: dict[str, float]
+    etag: str | None = None
+    last_modified: str | None = None
+    """The validators: the response's, or for a 304 without them, the earlier job's."""
+    not_modified: bool = False
+    """A 304 to a conditional request: ``body`` is the earlier job's (``body_of``)."""
+    body_of: str | None = None
+    """The job whose fetch stored ``body``, when not this one."""
+
+    def validators(self) -> tuple[str | None, str | None]:
+        """(ETag, Last-Modified) for a revalidation (from the headers for a result
+        stored before they were kept apart)."""
+        etag, modified = self.etag, self.last_modified
+        if etag is None and modified is None and not self.not_modified:
+            for name, value in self.headers:
+                lowered = name.lower()
+                if lowered == "etag":
+                    etag = value
+                elif lowered == "last-modified":
+                    modified = value
+        return etag, modified
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -653,6 +836,10 @@ class JobResult:
             "redirects": [{"status": s, "location": loc} for s, loc in self.redirects],
             "body": None if self.body is None else self.body.to_json(),
             "timings": self.timings,
+            "etag": self.etag,
+            "last_modified": self.last_modified,
+            "not_modified": self.not_modified,
+            "body_of": self.body_of,
         }
 
     @classmethod
@@ -667,6 +854,10 @@ class JobResult:
             redirects=tuple((r["status"], r["location"]) for r in data["redirects"]),
             body=None if body is None else BodyInfo.from_json(body),
             timings=dict(data["timings"]),
+            etag=data.get("etag"),
+            last_modified=data.get("last_modified"),
+            not_modified=data.get("not_modified", False),
+            body_of=data.get("body_of"),
         )
 
 
@@ -717,6 +908,14 @@ class Job:
     @property
     def deadline_at(self) -> float | None:
         return None if self.spec.deadline is None else self.created_at + self.spec.deadline
+
+
+def origin_of(scheme: str, host: str) -> str:
+    """The origin of a politeness key (``host:port``; an IPv6 address gets brackets)."""
+    name, port = host.rsplit(":", 1)
+    if ":" in name:
+        name = f"[{name}]"
+    return f"{scheme}://{name}:{port}"
 
 
 def rfc3339(ts: float | None) -> str | None:

@@ -61,6 +61,10 @@ METRIC_NAMES = (
     "curlfetch_webhook_outbox_oldest_seconds",
     "curlfetch_event_streams",
     "curlfetch_event_streams_cut_total",
+    "curlfetch_hosts_in_cooldown",
+    "curlfetch_host_cooldowns_total",
+    "curlfetch_robots_denials_total",
+    "curlfetch_robots_fetches_total",
 )
 """Every family ``render()`` exposes (documented in the README and the OpenAPI text)."""
 
@@ -88,6 +92,16 @@ class _Scheduler(Protocol):
     def in_flight(self) -> int: ...
     @property
     def orphans_requeued(self) -> int: ...
+    @property
+    def robots_fetches(self) -> int: ...
+    def hosts_cooling(self) -> int: ...
+    @property
+    def host_book(self) -> _HostBook: ...
+
+
+class _HostBook(Protocol):
+    @property
+    def started(self) -> int: ...
 
 
 class _Recovery(Collector):
@@ -109,6 +123,21 @@ class _Recovery(Collector):
             "curlfetch_store_retries",
             "Store operations (saves) run again after the database failed under them.",
             value=0 if store is None else store.retried_ops,
+        )
+        yield GaugeMetricFamily(
+            "curlfetch_hosts_in_cooldown",
+            "Hosts this instance holds paused (429/503 with Retry-After, or failing).",
+            value=0 if scheduler is None else scheduler.hosts_cooling(),
+        )
+        yield CounterMetricFamily(
+            "curlfetch_host_cooldowns",
+            "Host pauses this instance started.",
+            value=0 if scheduler is None else scheduler.host_book.started,
+        )
+        yield CounterMetricFamily(
+            "curlfetch_robots_fetches",
+            "robots.txt files fetched (not counting cache and store hits).",
+            value=0 if scheduler is None else scheduler.robots_fetches,
         )
         bodies = self._metrics._bodies
         for name, text, value in (
@@ -235,6 +264,11 @@ class Metrics:
         self.event_streams = Gauge(
             "curlfetch_event_streams", "Event streams (GET /v1/events) open now.", registry=r
         )
+        self.robots_denials = Counter(
+            "curlfetch_robots_denials",
+            "Jobs failed robots_disallowed (their robots.txt disallows the URL).",
+            registry=r,
+        )
         self.event_streams_cut = Counter(
             "curlfetch_event_streams_cut",
             "Event streams cut off because the client did not read.",
@@ -285,6 +319,8 @@ class Metrics:
                 self.curl_errors.labels(error.name).inc()
             else:
                 self.service_errors.labels(error.name).inc()
+                if error.name == "robots_disallowed":
+                    self.robots_denials.inc()
         for observer in list(self._observers):
             try:
                 observer.attempt_finished(job, seconds, response, error)

@@ -18,6 +18,7 @@ import attrs
 from twisted.internet import endpoints
 from twisted.python import usage
 
+from . import __version__
 from .auth import TokenError, TokenSet, load_tokens
 from .egress import EgressPolicy, parse_cidr, parse_host_pattern, parse_ports
 from .quotas import ClientQuotas
@@ -128,6 +129,30 @@ def _positive_duration(text: str) -> float:
     value = parse_duration(text)
     if value <= 0:
         raise ValueError(f"must be more than 0, not {text!r}")
+    return value
+
+
+def _user_agent(text: str) -> str:
+    value = text.strip()
+    if not value or not re.fullmatch(r"[A-Za-z0-9_-]+[\x20-\x7e]*", value):
+        raise ValueError(
+            "must start with a product token (letters, digits, _ and -) and be printable "
+            f"ASCII, not {text!r}"
+        )
+    return value
+
+
+def _ca_bundle(text: str) -> str:
+    path = text.strip()
+    if path and not os.path.isfile(path):
+        raise ValueError(f"{path!r} is not a file")
+    return path
+
+
+def _robots_ttl(text: str) -> float:
+    value = _positive_duration(text)
+    if value > 86400:
+        raise ValueError(f"must be at most 24h (RFC 9309), not {text!r}")
     return value
 
 
@@ -270,6 +295,16 @@ class Config:
     webhook_backoff: float = 5.0
     webhook_max_backoff: float = 3600.0
     webhook_horizon: float = 86400.0
+    robots: str = "ignore"
+    user_agent: str = f"curlfetch/{__version__}"
+    robots_ttl: float = 86400.0
+    robots_error_ttl: float = 60.0
+    robots_timeout: float = 10.0
+    max_crawl_delay: float = 30.0
+    host_cooldown_max: float = 300.0
+    host_failure_threshold: int = 5
+    host_failure_cooldown: float = 30.0
+    ca_bundle: str = ""
 
     @property
     def quotas(self) -> ClientQuotas:
@@ -332,6 +367,16 @@ _CONVERTERS: dict[str, Callable[[str], object]] = {
     "webhook-backoff": _positive_duration,
     "webhook-max-backoff": _positive_duration,
     "webhook-horizon": _positive_duration,
+    "robots": _one_of("ignore", "obey"),
+    "user-agent": _user_agent,
+    "robots-ttl": _robots_ttl,
+    "robots-error-ttl": _positive_duration,
+    "robots-timeout": _positive_duration,
+    "max-crawl-delay": _interval,
+    "host-cooldown-max": _positive_duration,
+    "host-failure-threshold": _quota,
+    "host-failure-cooldown": _positive_duration,
+    "ca-bundle": _ca_bundle,
 }
 
 _EGRESS_LISTS: dict[str, tuple[str, Callable[[str], object]]] = {
@@ -557,6 +602,60 @@ class Options(usage.Options):
             None,
             "24h",
             "A delivery is retried until this long after its event, then fails visibly.",
+        ],
+        [
+            "robots",
+            None,
+            "ignore",
+            "obey: a job without its own `robots` is fetched only if the origin's "
+            "robots.txt allows it; ignore: robots.txt is not read.",
+        ],
+        [
+            "user-agent",
+            None,
+            f"curlfetch/{__version__}",
+            "The User-Agent jobs send unless they set one; its product token (before "
+            "the /) is what robots.txt groups are matched against.",
+        ],
+        ["robots-ttl", None, "24h", "How long a fetched robots.txt is used (at most 24h)."],
+        [
+            "robots-error-ttl",
+            None,
+            "60s",
+            "How long an unreachable robots.txt (5xx, 429, no answer) disallows its origin "
+            "before it is fetched again.",
+        ],
+        ["robots-timeout", None, "10s", "Seconds for one robots.txt fetch."],
+        [
+            "max-crawl-delay",
+            None,
+            "30s",
+            "The longest robots.txt Crawl-delay honoured as a host's interval.",
+        ],
+        [
+            "host-cooldown-max",
+            None,
+            "5m",
+            "The longest a host is paused (429/503 Retry-After, or a failure run).",
+        ],
+        [
+            "host-failure-threshold",
+            None,
+            "5",
+            "Connect failures or timeouts in a row that pause a host (0: never).",
+        ],
+        [
+            "host-failure-cooldown",
+            None,
+            "30s",
+            "The pause after --host-failure-threshold failures; doubled for each more.",
+        ],
+        [
+            "ca-bundle",
+            None,
+            "",
+            "A PEM file of CA certificates that jobs' HTTPS targets are verified "
+            "against (default: the system's).",
         ],
     ]
     optFlags: ClassVar[list[list[Any]]] = [

@@ -48,7 +48,9 @@ from .engine import (
     Response,
 )
 from .jobs import BodyInfo, Job, JobError, JobResult, JobState
-from .store import JobStore, StoreClosedError
+from .politeness import HostBook, PolitenessConfig
+from .robots import ALLOW, DISALLOW, Robots, RobotsCache
+from .store import Cooldown, JobStore, StoreClosedError
 from .warc import ResponseMeta, http_head
 
 log = Logger()
@@ -93,6 +95,15 @@ class SchedulerConfig:
     with ``egress_denied``, never retried); None: no checks, as for a library user."""
     max_response_header_bytes: int | None = None
     """Response headers of one attempt, redirects included; None: libcurl's own cap."""
+    ca_bundle: str | None = None
+    """CA certificates that jobs' HTTPS targets are verified against; None: the
+    system's (libcurl's default)."""
+    user_agent: str | None = None
+    """The User-Agent a job sends unless its headers give one; None: none."""
+    max_crawl_delay: float = 30.0
+    """A robots.txt ``Crawl-delay`` longer than the per-host interval becomes the
+    host's interval for jobs that obey it, up to this."""
+    politeness: PolitenessConfig = attrs.field(factory=PolitenessConfig)
     orphan_check_interval: float = 5.0
     """Seconds between self-checks (``requeue_orphans``): jobs the store holds as running
     for this scheduler that it is not running go back to the queue."""
@@ -113,6 +124,8 @@ class _Host:
     next_start: float = 0.0
     timer: IDelayedCall | None = None
     starting: bool = False  # _run_host is on the stack (a fetch may fail synchronously)
+    robots_wait: bool = False  # the head job waits for its origin's robots.txt
+    crawl_delay: float = 0.0  # robots.txt's, for jobs that obey it
 
     def idle(self, now: float) -> bool:
         """Nothing to remember: no transfer, no waiting job, no interval still running."""
@@ -120,6 +133,7 @@ class _Host:
             not self.active
             and not self.waiting
             and not self.starting
+            and not self.robots_wait
             and (self.timer is None or not self.timer.active())
             and self.next_start <= now
         )
@@ -148,6 +162,7 @@ class Scheduler(Service):
         config: SchedulerConfig,
         observer: SchedulerObserver | None = None,
         rng: random.Random | None = None,
+        robots: RobotsCache | None = None,
     ) -> None:
         self._reactor = reactor
         self._store = store
@@ -156,6 +171,9 @@ class Scheduler(Service):
         self.config = config
         self._observer = observer
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
+        self.robots = robots
+        """None: every job's ``robots`` is taken as ``ignore`` (a library user)."""
+        self.host_book = HostBook(config.politeness)
         self._hosts: dict[str, _Host] = {}
         self._clients: dict[str, int] = {}  # claimed, unsettled jobs per client
         self._running: dict[str, _Running] = {}
@@ -199,6 +217,14 @@ class Scheduler(Service):
     @property
     def draining(self) -> bool:
         return self._draining
+
+    @property
+    def robots_fetches(self) -> int:
+        return 0 if self.robots is None else self.robots.fetches
+
+    def hosts_cooling(self) -> int:
+        """Hosts this instance holds paused now."""
+        return self.host_book.cooling(self._reactor.seconds())
 
     def in_flight_for(self, client: str) -> int:
         """The client's claimed jobs not yet settled (what its in-flight quota counts)."""
@@ -430,7 +456,6 @@ class Scheduler(Service):
         if host.timer is not None and host.timer.active():
             host.timer.cancel()
         host.timer = None
-        interval = self.config.per_host_interval
         settled = False
         host.starting = True
         try:
@@ -441,10 +466,25 @@ class Scheduler(Service):
                         host.next_start - now, self._run_host, name, host
                     )
                     break
-                job = host.waiting.popleft()
+                job = host.waiting[0]
+                obeys = self.robots is not None and job.spec.robots == "obey"
+                if obeys:
+                    robots = self._robots_for(name, host, job.spec.origin, now)
+                    if robots is None:
+                        break  # _run_host again once it is loaded
+                    if not self._robots_allow(job, robots, host, now):
+                        host.waiting.popleft()
+                        self._waiting -= 1
+                        self._release(job)
+                        settled = True
+                        continue
+                host.waiting.popleft()
                 self._waiting -= 1
                 # Counted before the fetch: its Deferred may fire inside _start.
                 host.active += 1
+                interval = self.config.per_host_interval
+                if obeys:
+                    interval = max(interval, host.crawl_delay)
                 previous, host.next_start = host.next_start, now + interval
                 if not self._start(job, host, now):
                     # Settled without a request: no slot taken, no interval spent.
@@ -457,6 +497,112 @@ class Scheduler(Service):
         self._forget_if_idle(name, host)
         if settled:
             self.wake()  # a slot came free without a transfer ending
+
+    # -- politeness ------------------------------------------------------------------------
+
+    def _robots_for(self, name: str, host: _Host, origin: str, now: float) -> Robots | None:
+        """The origin's robots.txt if known now; else it is loaded (one fetch for every
+        job waiting on it) and the host's loop resumes then."""
+        assert self.robots is not None
+        robots = self.robots.cached(origin, now)
+        if robots is not None:
+            return robots
+        if host.robots_wait:
+            return None
+        loaded: list[Robots] = []
+        d = self.robots.load(origin)
+        d.addCallback(loaded.append)
+        if loaded:
+            return loaded[0]
+        host.robots_wait = True
+
+        def resume(_: object) -> None:
+            host.robots_wait = False
+            if self._hosts.get(name) is host:
+                self._run_host(name, host)
+            else:
+                self._forget_if_idle(name, host)
+
+        d.addCallback(resume)
+        d.addErrback(lambda f: log.failure("resuming host {host} failed", f, host=name))
+        return None
+
+    def _robots_allow(self, job: Job, robots: Robots, host: _Host, now: float) -> bool:
+        """Whether ``job`` may be fetched; if not, it is settled here: failed
+        ``robots_disallowed``, or (robots.txt unreachable) retried per its policy once
+        the file may be read again, else failed ``robots_unavailable``."""
+        assert self.robots is not None
+        token = self.robots.token
+        verdict, detail = robots.verdict(job.spec.url, token)
+        if verdict == ALLOW:
+            delay = robots.crawl_delay(token)
+            host.crawl_delay = 0.0 if delay is None else min(delay, self.config.max_crawl_delay)
+            return True
+        origin = job.spec.origin
+        if verdict == DISALLOW:
+            error = JobError(
+                "robots_disallowed", f"the robots.txt of {origin} disallows this URL: {detail}"
+            )
+            self._finish_attempt(job, started=now, now=now, response=None, error=error)
+            return False
+        error = JobError(
+            "robots_unavailable",
+            f"the robots.txt of {origin} cannot be read ({detail}): nothing there is "
+            "fetched until it can",
+        )
+        if job.attempts < job.spec.retry.max_attempts:
+            delay = retry_delay(job, None, now, self.config, self._rng)
+            if delay is not None:
+                delay = max(delay, robots.row.expires_at - now)
+                deadline_at = job.deadline_at
+                if deadline_at is None or now + delay < deadline_at:
+                    self._observe(job, 0.0, None, error)
+                    self._save(self._requeued(job, now + delay))
+                    self._retry_at(now + delay)
+                    return False
+        self._finish_attempt(job, started=now, now=now, response=None, error=error)
+        return False
+
+    def _note_attempt(
+        self, job: Job, response: Response | None, error: JobError | None, now: float
+    ) -> None:
+        """Tell the host book how the host answered; a pause it starts holds the host."""
+        name = job.spec.host
+        if response is not None:
+            hinted = None
+            if response.status in (429, 503):
+                hinted = parse_retry_after(response.headers.get("retry-after"), now)
+            cooldown = self.host_book.response(name, response.status, hinted, now)
+        elif error is not None and error.name != "deadline_exceeded":
+            counts = error.curl_code in RETRY_CURL_CODES
+            cooldown = self.host_book.failure(name, error, now, counts)
+        else:
+            return
+        if cooldown is not None:
+            self._cool(name, cooldown)
+
+    def _cool(self, name: str, cooldown: Cooldown) -> None:
+        """Pause ``name``: its waiting jobs go back to the queue (freeing their slots),
+        and the store's claims, on every instance, skip it until the pause ends."""
+        log.info(
+            "pausing host {host} until {until:.3f}: {reason}",
+            host=name,
+            until=cooldown.until,
+            reason=cooldown.reason,
+        )
+        self._store.set_cooldown(name, cooldown.until, cooldown.reason, cooldown.set_at).addErrback(
+            lambda f: log.failure("storing the pause of host {host} failed", f, host=name)
+        )
+        host = self._hosts.get(name)
+        if host is None:
+            return
+        host.next_start = max(host.next_start, cooldown.until)
+        for job in host.waiting:
+            self._save(self._requeued(job, None))
+            self._release(job)
+        self._waiting -= len(host.waiting)
+        host.waiting.clear()
+        self.wake()
 
     def _forget_if_idle(self, name: str, host: _Host, now: float | None = None) -> None:
         """Drop an idle host's entry (kept while its politeness interval still runs)."""
@@ -501,11 +647,18 @@ class Scheduler(Service):
             self._finish_attempt(job, started=now, now=now, response=None, error=error)
             return False
         egress = self.config.egress
+        headers = spec.headers
+        extra = spec.conditional_headers()
+        agent = self.config.user_agent
+        if agent is not None and not any(key.lower() == "user-agent" for key, _ in headers):
+            extra += (("User-Agent", agent),)
+        if extra:
+            headers += extra
         try:
             d = self._client.fetch(
                 spec.url,
                 method=spec.method,
-                headers=spec.headers,
+                headers=headers,
                 body=spec.body,
                 timeout=timeout,
                 connect_timeout=min(spec.connect_timeout, timeout),
@@ -515,6 +668,7 @@ class Scheduler(Service):
                 http_version=spec.http_version,
                 sink=BodyConsumer(writer),
                 max_header_bytes=self.config.max_response_header_bytes,
+                ca_bundle=self.config.ca_bundle,
                 connect_check=None if egress is None else egress.connect_check,
                 host_check=egress.host_check if egress and egress.checks_hosts else None,
             )
@@ -568,6 +722,7 @@ class Scheduler(Service):
             response, error = result, None
         else:
             response, error = self._classify_failure(result, running, now)
+        self._note_attempt(job, response, error, now)
         if self._should_retry(job, response, error):
             retry_after = None if response is None else response.headers.get("retry-after")
             delay = retry_delay(job, retry_after, now, self.config, self._rng)
@@ -580,6 +735,18 @@ class Scheduler(Service):
         if response is None:
             writer.abort()
             self._finish_attempt(job, started=running.started, now=now, response=None, error=error)
+            return
+        if response.status == 304 and job.spec.conditional_headers():
+            # Not modified: nothing is stored; the body is the earlier job's.
+            writer.abort()
+            earlier: Deferred[Job | None] = succeed(None)
+            if job.spec.revalidate is not None:
+                earlier = self._store.get(job.client, job.spec.revalidate)
+            self._committing += 1
+            earlier.addBoth(self._not_modified, running, response)
+            earlier.addErrback(
+                lambda f: log.failure("settling job {job_id} failed", f, job_id=job.id)
+            )
             return
         # The job says succeeded only once its body is durable: saved when this fires.
         committed = writer.commit(
@@ -619,6 +786,29 @@ class Scheduler(Service):
                 self._finish_attempt(
                     job, started=running.started, now=now, response=response, body=body
                 )
+        finally:
+            self._check_idle()
+            self.wake()  # its slot is free
+
+    def _not_modified(
+        self, earlier: Job | Failure | None, running: _Running, response: Response
+    ) -> None:
+        self._committing -= 1
+        job = running.job
+        now = self._reactor.seconds()
+        try:
+            if isinstance(earlier, Failure):
+                log.failure(
+                    "reading the job revalidated by {job_id} failed", earlier, job_id=job.id
+                )
+                earlier = None
+            self._observe(job, now - running.started, response, None)
+            result = not_modified_result(response, job, earlier)
+            self._save(
+                attrs.evolve(
+                    job, state=JobState.SUCCEEDED, finished_at=now, result=result, error=None
+                )
+            )
         finally:
             self._check_idle()
             self.wake()  # its slot is free
@@ -835,12 +1025,34 @@ def retry_delay(
     return delay
 
 
+def not_modified_result(response: Response, job: Job, earlier: Job | None) -> JobResult:
+    """A 304's result: the body (and any validator the 304 left out) of the job it
+    revalidated (``earlier``, None if there was none or it is gone), or, given
+    validators only, the ones sent."""
+    result = _result(response, None)
+    before = None if earlier is None else earlier.result
+    body = None if before is None else before.body
+    body_of = None
+    if before is not None and body is not None and earlier is not None:
+        body_of = before.body_of or earlier.id
+    return attrs.evolve(
+        result,
+        body=body,
+        body_of=body_of,
+        not_modified=True,
+        etag=result.etag or (before.etag if before else job.spec.if_none_match),
+        last_modified=result.last_modified
+        or (before.last_modified if before else job.spec.if_modified_since),
+    )
+
+
 def _result(response: Response, body: BodyInfo | None) -> JobResult:
     t = response.timings
+    headers = response.headers
     return JobResult(
         status=response.status,
         http_version=response.http_version,
-        headers=tuple(response.headers),
+        headers=tuple(headers),
         effective_url=response.effective_url,
         primary_ip=response.primary_ip,
         redirects=tuple((r.status, r.location) for r in response.redirects),
@@ -853,4 +1065,6 @@ def _result(response: Response, body: BodyInfo | None) -> JobResult:
             "first_byte": t.starttransfer,
             "total": t.total,
         },
+        etag=headers.get("etag"),
+        last_modified=headers.get("last-modified"),
     )

@@ -23,6 +23,7 @@ from .jobs import Limits
 from .logs import json_log_observer, log_settings
 from .metrics import Metrics
 from .options import Config, Options
+from .politeness import PolitenessConfig
 from .process import (
     exit_0_if_clean,
     exit_1_after_shutdown,
@@ -32,6 +33,7 @@ from .process import (
     stop_on_early_signal,
     tune_gc,
 )
+from .robots import RobotsCache, RobotsConfig
 from .scheduler import Scheduler, SchedulerConfig
 from .segments import SegmentBodyStore
 from .services import (
@@ -124,8 +126,29 @@ def build_service(reactor: Any, config: Config) -> CurlfetchService:
             max_per_client=config.client_max_in_flight,
             egress=config.egress,
             max_response_header_bytes=config.max_response_header_bytes,
+            ca_bundle=config.ca_bundle or None,
+            user_agent=config.user_agent,
+            max_crawl_delay=config.max_crawl_delay,
+            politeness=PolitenessConfig(
+                max_cooldown=config.host_cooldown_max,
+                failure_threshold=config.host_failure_threshold,
+                failure_cooldown=config.host_failure_cooldown,
+            ),
         ),
         observer=metrics,
+        robots=RobotsCache(
+            reactor,
+            client,
+            store,
+            RobotsConfig(
+                user_agent=config.user_agent,
+                ttl=config.robots_ttl,
+                error_ttl=config.robots_error_ttl,
+                timeout=config.robots_timeout,
+                egress=config.egress,
+                ca_bundle=config.ca_bundle or None,
+            ),
+        ),
     )
     scheduler.setName("scheduler")
     if isinstance(store, PostgresJobStore):
@@ -137,7 +160,7 @@ def build_service(reactor: Any, config: Config) -> CurlfetchService:
         store=store,
         scheduler=scheduler,
         bodies=bodies,
-        limits=Limits(max_body_bytes=config.max_body_size),
+        limits=Limits(max_body_bytes=config.max_body_size, default_robots=config.robots),
         metrics=metrics,
         max_queued=config.max_queued,
         tokens=config.tokens,

@@ -30,6 +30,7 @@ from curlfetch.engine import CurlClient, CurlSocket, Headers
 from curlfetch.jobs import Limits
 from curlfetch.metrics import Metrics
 from curlfetch.quotas import ClientQuotas
+from curlfetch.robots import RobotsCache, RobotsConfig
 from curlfetch.scheduler import Scheduler, SchedulerConfig
 from curlfetch.segments import SegmentBodyStore
 from curlfetch.store.sqlite import SQLiteJobStore
@@ -87,6 +88,8 @@ class Service:
         events_heartbeat: float = 15.0,
         events_stall_timeout: float = 30.0,
         max_batch_bytes: int = 64 * 1024 * 1024,
+        scheduler_config: Mapping[str, Any] | None = None,
+        robots: RobotsConfig | None = None,
     ) -> None:
         self.reactor = reactor()
         self.root = root
@@ -110,8 +113,12 @@ class Service:
                 max_concurrency=max_concurrency,
                 poll_interval=0.2,
                 max_per_client=quotas.max_in_flight if quotas else 0,
+                **(scheduler_config or {}),
             ),
             observer=self.metrics,
+            robots=None
+            if robots is None
+            else RobotsCache(self.reactor, self.engine, self.store, robots),
         )
         self.tokens = dict(tokens or {})
         self.token: str | None = next(iter(self.tokens.values()), None)

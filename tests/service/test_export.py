@@ -190,6 +190,7 @@ async def test_warc_export_copies_every_stored_record(
         "export-responses-built": "0",
         "export-skipped": "0",
         "export-no-body": "1",
+        "export-not-modified": "0",
         "export-complete": "true",
     }
 

@@ -9,6 +9,7 @@ import json
 import os
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest_twisted
 from jsonschema import Draft202012Validator
@@ -368,6 +369,14 @@ async def test_real_responses_match_the_document(services: ServiceFactory) -> No
     c.check(expired, events_path, "GET")
     c.check(await s.call("GET", f"{events_path}?types=x"), events_path, "GET")  # 400
 
+    # Hosts: the list, one host, and each refusing a bad argument.
+    target_host = urlsplit(s.url("/")).netloc
+    host_path = f"/v1/hosts/{target_host}"
+    c.check(await s.call("GET", "/v1/hosts"), "/v1/hosts", "GET")
+    c.check(await s.call("GET", "/v1/hosts?limit=0"), "/v1/hosts", "GET")  # 400
+    c.check(await s.call("GET", host_path), "/v1/hosts/{host}", "GET")
+    c.check(await s.call("GET", "/v1/hosts/no-port"), "/v1/hosts/{host}", "GET")  # 400
+
     # The new routes that read the store (each also answers 503 once it is gone).
     over_store = (
         ("GET", batches_path, batches_path),
@@ -379,6 +388,8 @@ async def test_real_responses_match_the_document(services: ServiceFactory) -> No
         ("GET", delivery_path, f"/v1/webhooks/deliveries/{delivery['id']}"),
         ("POST", retry_path, retry),
         ("GET", "/v1/stats", "/v1/stats"),
+        ("GET", "/v1/hosts", "/v1/hosts"),
+        ("GET", "/v1/hosts/{host}", host_path),
     )
 
     # Authentication: none, an unknown token, a malformed header; another client's job.

@@ -23,6 +23,7 @@ from twisted.internet.task import Clock, deferLater
 from curlfetch.bodies import BodyWriter, DirectoryBodyStore
 from curlfetch.engine import CurlClient, Response
 from curlfetch.jobs import BodyInfo, Job, JobError, JobSpec, JobState, Limits, new_job_id
+from curlfetch.politeness import PolitenessConfig
 from curlfetch.scheduler import (
     Scheduler,
     SchedulerConfig,
@@ -360,8 +361,8 @@ async def test_retry_after_is_honoured(env: Env) -> None:
 @pytest_twisted.ensureDeferred
 async def test_retry_after_is_capped(env: Env) -> None:
     """A 429 asking for an hour (``Retry-After: 3600``) is retried after the scheduler's
-    ``max_retry_after`` (0.3 s) instead."""
-    sched = env.scheduler(max_retry_after=0.3)
+    ``max_retry_after`` (0.3 s) instead, the host's pause being capped as well."""
+    sched = env.scheduler(max_retry_after=0.3, politeness=PolitenessConfig(max_cooldown=0.3))
     job = env.job("/flaky/cap?fail=1&code=429&retry_after=3600", retry={"backoff": 0.01})
     await env.add(job)
     sched.startService()

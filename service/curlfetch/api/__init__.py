@@ -42,6 +42,7 @@ from .batches import BatchesResource
 from .connections import DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, ApiSite
 from .events import EventsResource
 from .export import ExportResource
+from .hosts import HostsResource
 from .http import (
     DEFAULT_MAX_BATCH_BYTES,
     DEFAULT_MAX_REQUEST_BYTES,
@@ -89,6 +90,7 @@ RESOURCES: tuple[type[ApiResource], ...] = (
     EventsResource,
     WebhooksResource,
     ExportResource,
+    HostsResource,
     DashboardResource,
     OpsResource,
 )

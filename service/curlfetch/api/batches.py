@@ -66,9 +66,11 @@ from .jobs import (
     LIMIT,
     WAIT,
     JobsResource,
+    earlier_validators,
     job_filter,
     refuse_if_draining,
     require_secret,
+    revalidating,
 )
 from .routes import ApiResource, route
 from .views import job_view
@@ -334,6 +336,8 @@ class BatchesResource(ApiResource):
         submission.validate()
         if submission.has_notify():
             await require_secret(api, client)
+        if submission.revalidations:
+            submission.found = await earlier_validators(api, client, submission.revalidations)
         return await idempotently(
             api.store,
             api.reactor,
@@ -381,20 +385,23 @@ class BatchesResource(ApiResource):
         api = self.api
         client = api.client(request)
         wait = WAIT.get(request) or 0.0
-        batch = await self._get(client, batch_id)
         deadline = api.reactor.seconds() + wait
         pulse = api.event_pulse
         pulse.watch("*")
         waited = False
         try:
+            # The version is noted before each read: a commit that lands while the read
+            # is in flight then wakes the wait at once (instead of after poll_interval).
+            seen = pulse.version("*")
+            batch = await self._get(client, batch_id)
             finished: bool | None = batch.finished_at is not None
             while not finished and not api.draining:
                 remaining = deadline - api.reactor.seconds()
                 if remaining <= 0:
                     break
-                seen = pulse.version("*")
                 await pulse.wait("*", min(remaining, api.poll_interval), seen)
                 waited = True
+                seen = pulse.version("*")
                 # One row per wake-up; the jobs are counted once, at the end.
                 finished = await api.store.batch_finished(client, batch_id)
                 if finished is None:
@@ -448,6 +455,18 @@ class _Submission:
     total = 0
     metadata: dict[str, Any] | None = None
     notify: Notify | None = None
+    revalidations: dict[str, str]
+    """The job ids ``revalidate`` names -> the field that names each first."""
+    found: dict[str, tuple[str | None, str | None]]
+    """Their validators (``earlier_validators``), applied as the jobs are made."""
+
+    def __init__(self) -> None:
+        self.revalidations = {}
+        self.found = {}
+
+    def _refers(self, spec: JobSpec, field: str) -> None:
+        if spec.revalidate is not None:
+            self.revalidations.setdefault(spec.revalidate, field)
 
     def validate(self) -> None:
         raise NotImplementedError
@@ -487,6 +506,7 @@ def _batch_fields(api: JobAPI, raw: dict[str, Any], where: str) -> tuple[Any, No
 
 class _JsonSubmission(_Submission):
     def __init__(self, api: JobAPI, data: bytes) -> None:
+        super().__init__()
         self.api = api
         self.data = data
         self.specs: list[JobSpec] = []
@@ -514,10 +534,12 @@ class _JsonSubmission(_Submission):
             )
         for i, raw in enumerate(items):
             try:
-                self.specs.append(JobSpec.from_json(raw, self.api.limits))
+                spec = JobSpec.from_json(raw, self.api.limits)
             except SpecError as e:
                 e = e.within(f"jobs[{i}]")
                 raise ApiError(400, "invalid_request", e.message, field=e.field) from None
+            self._refers(spec, f"jobs[{i}].revalidate")
+            self.specs.append(spec)
         self.total = len(self.specs)
 
     def has_notify(self) -> bool:
@@ -529,7 +551,8 @@ class _JsonSubmission(_Submission):
     def store(
         self, client: str, record: BatchRecord, now: float, key: IdempotencyRecord | None
     ) -> Any:
-        jobs = JobsResource.new_jobs(client, self.specs, now, record)
+        specs = [revalidating(spec, self.found) for spec in self.specs]
+        jobs = JobsResource.new_jobs(client, specs, now, record)
         return self.api.store.add(jobs, key, record)
 
 
@@ -537,6 +560,7 @@ class _NdjsonSubmission(_Submission):
     """Read from the request's spool file, twice, a line at a time."""
 
     def __init__(self, api: JobAPI, request: IRequest) -> None:
+        super().__init__()
         self.api = api
         content = request.content
         if content is None:
@@ -585,6 +609,7 @@ class _NdjsonSubmission(_Submission):
                 raise _line_error(number, e.field, e.message) from None
             if spec.notify is not None:
                 self._notify_seen = True
+            self._refers(spec, f"line {number}: revalidate")
         if count == 0:
             raise ApiError(400, "invalid_request", "no job specs in the body")
         self.total = count
@@ -599,7 +624,7 @@ class _NdjsonSubmission(_Submission):
     def store(
         self, client: str, record: BatchRecord, now: float, key: IdempotencyRecord | None
     ) -> Any:
-        limits, total = self.api.limits, self.total
+        limits, total, found = self.api.limits, self.total, self.found
         ids = sorted(new_job_id(now) for _ in range(total))  # ~4 MB for 100,000
 
         def chunks() -> Iterator[Sequence[Job]]:
@@ -615,7 +640,7 @@ class _NdjsonSubmission(_Submission):
                         id=ids[taken],
                         client=client,
                         state=JobState.QUEUED,
-                        spec=JobSpec.from_json(raw, limits),
+                        spec=revalidating(JobSpec.from_json(raw, limits), found),
                         created_at=now,
                         batch=record.id,
                     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -464,6 +465,14 @@ class JobsResource(ApiResource):
         specs, batch = self._parse_submission(payload)
         if any(spec.notify is not None for spec in specs):
             await require_secret(self.api, client)
+        refs = {
+            spec.revalidate: f"jobs[{i}].revalidate" if batch else "revalidate"
+            for i, spec in reversed(list(enumerate(specs)))
+            if spec.revalidate is not None
+        }
+        if refs:
+            found = await earlier_validators(self.api, client, refs)
+            specs = [revalidating(spec, found) for spec in specs]
         api = self.api
         return await idempotently(
             api.store,
@@ -591,7 +600,7 @@ class JobsResource(ApiResource):
         """The stored bytes with the original Content-Type; ETag is the sha256."""
         job = await self._get(self.api.client(request), job_id)
         info = job.result.body if job.result is not None else None
-        if info is None:
+        if info is None or job.result is None:
             raise ApiError(404, "not_found", f"job {job_id} has no body (yet)")
         etag = f'"{info.sha256}"'.encode("ascii")
         wanted = byte_range(request, info.size, etag)
@@ -605,7 +614,7 @@ class JobsResource(ApiResource):
         try:
             # Local opens and preads are quick (a small body is also checked against its
             # sha256 here); reading the payload is left to FileResource.
-            payload = self.api.bodies.open_payload(job.id, info)
+            payload = self.api.bodies.open_payload(job.result.body_of or job.id, info)
         except BodyLostError as e:
             # Deleted, truncated or damaged under us: never serve short or wrong bytes.
             log.warn("{message}", message=str(e))
@@ -737,6 +746,37 @@ def refuse_if_draining(api: JobAPI) -> None:
             "the service is shutting down; submit to another instance or retry",
             headers={"Retry-After": str(api.retry_after)},
         )
+
+
+async def earlier_validators(
+    api: JobAPI, client: str, refs: Mapping[str, str]
+) -> dict[str, tuple[str | None, str | None]]:
+    """The validators (ETag, Last-Modified) of each job ``revalidate`` names (id -> the
+    field naming it first): one of the client's, and succeeded, else 400 naming it."""
+    ids = list(refs)
+    jobs = await gatherResults(
+        [api.store.get(client, job_id) for job_id in ids], consumeErrors=True
+    )
+    found: dict[str, tuple[str | None, str | None]] = {}
+    for job_id, job in zip(ids, jobs, strict=True):
+        if job is None:
+            raise ApiError(400, "invalid_request", f"no job {job_id}", field=refs[job_id])
+        if job.state is not JobState.SUCCEEDED or job.result is None:
+            raise ApiError(
+                400,
+                "invalid_request",
+                f"job {job_id} is {job.state.value}: only a succeeded job can be revalidated",
+                field=refs[job_id],
+            )
+        found[job_id] = job.result.validators()
+    return found
+
+
+def revalidating(spec: JobSpec, found: Mapping[str, tuple[str | None, str | None]]) -> JobSpec:
+    """``spec`` with the validators of the job it revalidates (``earlier_validators``)."""
+    if spec.revalidate is None:
+        return spec
+    return spec.revalidating(spec.revalidate, *found[spec.revalidate])
 
 
 async def require_secret(api: JobAPI, client: str) -> None:

@@ -111,6 +111,10 @@ def job_schemas(max_batch: int, limits: Limits) -> dict[str, Any]:
                 "redirects",
                 "body",
                 "timings",
+                "etag",
+                "last_modified",
+                "not_modified",
+                "body_of",
             ],
             "additionalProperties": False,
             "properties": {
@@ -132,6 +136,24 @@ def job_schemas(max_batch: int, limits: Limits) -> dict[str, Any]:
                     },
                 },
                 "body": nullable(ref("Body")),
+                "etag": {
+                    "type": ["string", "null"],
+                    "description": "The response's ETag (for a 304 without one: the "
+                    "revalidated job's).",
+                },
+                "last_modified": {
+                    "type": ["string", "null"],
+                    "description": "The response's Last-Modified (likewise).",
+                },
+                "not_modified": {
+                    "type": "boolean",
+                    "description": "A 304 to a conditional request: nothing was stored; "
+                    "`body` is the revalidated job's.",
+                },
+                "body_of": {
+                    "type": ["string", "null"],
+                    "description": "The job whose fetch stored `body`, when not this one.",
+                },
                 "timings": {
                     "type": "object",
                     "description": "Seconds from the start, cumulative (like curl's -w).",

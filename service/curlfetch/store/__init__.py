@@ -32,6 +32,7 @@ __all__ = [
     "IDEMPOTENCY_TTL",
     "Batch",
     "BatchRecord",
+    "Cooldown",
     "Delivery",
     "Event",
     "EventsExpiredError",
@@ -40,6 +41,7 @@ __all__ = [
     "IdempotencyRecord",
     "JobFilter",
     "JobStore",
+    "RobotsRow",
     "SchemaVersionError",
     "StoreClosedError",
     "StoreUnavailableError",
@@ -48,6 +50,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .events import Batch, BatchRecord, Delivery, Event
+    from .hosts import Cooldown, RobotsRow
 
 IDEMPOTENCY_TTL = 24 * 3600.0
 """Seconds an Idempotency-Key is remembered (the IETF draft and Stripe: at least 24 h)."""
@@ -251,6 +254,9 @@ class JobStore(Protocol):
     def client_hosts(
         self, client: str, errors_since: float, limit: int
     ) -> Deferred[list[tuple[str, int, int, dict[str, int]]]]: ...
+    def client_hosts_for(
+        self, client: str, host: str, errors_since: float
+    ) -> Deferred[tuple[int, int, dict[str, int]]]: ...
     def get_batch(self, client: str, batch_id: str) -> Deferred[Batch | None]: ...
     def batch_finished(self, client: str, batch_id: str) -> Deferred[bool | None]: ...
     def list_batches(
@@ -295,6 +301,15 @@ class JobStore(Protocol):
     def set_webhook_secret(self, client: str, secret: str, now: float) -> Deferred[None]: ...
     def purge_loop(self, events_before: float, finished_before: float) -> Deferred[int]: ...
 
+    # -- politeness (``curlfetch.store.hosts``) ---------------------------------------------
+
+    def set_cooldown(self, host: str, until: float, reason: str, now: float) -> Deferred[None]: ...
+    def cooldowns(
+        self, now: float, hosts: Collection[str] | None = None
+    ) -> Deferred[dict[str, Cooldown]]: ...
+    def robots_get(self, origins: Collection[str]) -> Deferred[dict[str, RobotsRow]]: ...
+    def robots_put(self, row: RobotsRow) -> Deferred[None]: ...
+
     def requeue_orphans(self, alive: Collection[str]) -> Deferred[list[str]]:
         """Put back to ``queued`` the jobs this store's process holds as ``running``
         (on PostgreSQL: owned by this instance) whose ids are not in ``alive``: a claim
@@ -306,3 +321,4 @@ class JobStore(Protocol):
 
 # Last: ``events`` (through ``portable``) imports the errors above.
 from .events import Batch, BatchRecord, Delivery, Event, EventsExpiredError  # noqa: E402
+from .hosts import Cooldown, RobotsRow  # noqa: E402

@@ -71,6 +71,7 @@ from . import (
 )
 from .claims import Caps
 from .events import BatchRecord, Recorder, batch_created
+from .hosts import HostMethods
 from .loop import LoopMethods
 from .portable import Connection, PortableSQL
 from .rows import QueuedCounts, dumps, job_from_row, judge_key
@@ -170,7 +171,7 @@ class Clock(Protocol):
     def seconds(self) -> float: ...
 
 
-class StoreCore(LoopMethods):
+class StoreCore(LoopMethods, HostMethods):
     """The ``JobStore`` (see ``curlfetch.store``) over a backend's connection.
 
     ``transactions`` counts committed batches; ``skipped_saves`` counts saved jobs that
@@ -766,6 +767,30 @@ class StoreCore(LoopMethods):
             return [(r[0], r[1], r[2], r[3]) for r in busiest[:limit]], NONE
 
         return self._read(hosts)
+
+    def client_hosts_for(
+        self, client: str, host: str, errors_since: float
+    ) -> Deferred[tuple[int, int, dict[str, int]]]:
+        """One host of ``client_hosts``: (queued, running, failures since
+        ``errors_since`` by error code)."""
+        p = self.sql.p
+        active = (
+            f"SELECT state, count(*) FROM jobs WHERE client = {p} AND host = {p} "  # noqa: S608
+            "AND state IN ('queued', 'running') GROUP BY state"
+        )
+        failed = (
+            f"SELECT error_code, count(*) FROM jobs WHERE client = {p} AND host = {p} "  # noqa: S608
+            f"AND state = 'failed' AND finished_at >= {p} GROUP BY error_code"
+        )
+
+        def host_counts(conn: Connection) -> tuple[tuple[int, int, dict[str, int]], Delta]:
+            counts = dict(conn.execute(active, (client, host)).fetchall())
+            errors = {
+                str(code): n for code, n in conn.execute(failed, (client, host, errors_since))
+            }
+            return (counts.get("queued", 0), counts.get("running", 0), errors), NONE
+
+        return self._read(host_counts)
 
     def queued(self) -> int:
         return self._counts.total

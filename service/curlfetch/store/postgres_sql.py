@@ -18,6 +18,7 @@ from psycopg.rows import TupleRow
 from .claims import Caps, Picker
 from .core import Op, Outcome, resolve, run_with_savepoints
 from .events import LoopSQL, batches_table, deliveries_table, events_tables, jobs_columns
+from .hosts import COOLING_PG, hosts_tables
 from .portable import PortableSQL, Types, idempotency_keys_table, jobs_table
 from .rows import COLUMNS, dumps
 
@@ -64,6 +65,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         ),
         *deliveries_table(TYPES),
     ),
+    # 3: host cooldowns and the robots.txt cache (see ``hosts``).
+    hosts_tables(TYPES),
 )
 """Migration N (1-based) brings the schema from version N-1 to N. Append; never edit."""
 
@@ -129,6 +132,7 @@ _CLAIM_SET = (
 CLAIM_SIMPLE = (
     f"UPDATE jobs AS j {_CLAIM_SET}"  # noqa: S608 - constant fragments
     "WHERE j.seq IN (SELECT seq FROM jobs WHERE state = 'queued' AND not_before <= %(now)s "
+    f"{COOLING_PG}"
     "AND NOT (host = ANY(%(skip)s::text[])) ORDER BY priority DESC, seq LIMIT %(limit)s "
     "FOR UPDATE SKIP LOCKED) "
     f"RETURNING {_J_COLUMNS}"
@@ -150,8 +154,9 @@ _ROOMS_CTE = (
 )
 _ROOMS = _ROOMS_CTE + "SELECT host, room FROM room"  # noqa: S608 - constant fragments
 _WALK = (
-    "SELECT seq, priority, host, client FROM jobs WHERE state = 'queued' "
+    "SELECT seq, priority, host, client FROM jobs WHERE state = 'queued' "  # noqa: S608
     "AND not_before <= %(now)s AND NOT (client = ANY(%(full_clients)s::text[])) "
+    f"{COOLING_PG}"
 )
 _ORDER = "ORDER BY priority DESC, seq LIMIT %(chunk)s"
 # The first chunk leaves out the hosts without room in the same statement as _ROOMS

@@ -61,6 +61,7 @@ from .events import (
     events_tables,
     jobs_columns,
 )
+from .hosts import COOLING_SQLITE, hosts_tables
 from .portable import PortableSQL, Types, idempotency_keys_table, jobs_table, migrate
 from .rows import COLUMNS, claimed, insert_row, save_row
 
@@ -90,6 +91,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         *events_tables("INTEGER PRIMARY KEY AUTOINCREMENT", "INTEGER NOT NULL DEFAULT 0", _TYPES),
         *deliveries_table(_TYPES),
     ),
+    # 4: host cooldowns and the robots.txt cache (see ``hosts``).
+    hosts_tables(_TYPES),
 )
 """Migration N (1-based) brings the schema from version N-1 to N. Append; never edit."""
 
@@ -132,7 +135,8 @@ _STILL_RUNNING = (
 
 _CLAIM = (
     "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ? "  # noqa: S608
-    "WHERE seq IN (SELECT seq FROM jobs WHERE state = 'queued' AND not_before <= ? {skip}"
+    "WHERE seq IN (SELECT seq FROM jobs WHERE state = 'queued' AND not_before <= ? "
+    f"{COOLING_SQLITE}{{skip}}"
     "ORDER BY priority DESC, seq LIMIT ?) "
     f"RETURNING {COLUMNS}"
 )
@@ -149,8 +153,9 @@ _CLAIM_SKIPPING = _CLAIM.format(skip="AND host NOT IN (SELECT value FROM json_ea
 # stopped. The cost follows the jobs looked at, not the queue: ranking every queued job
 # with window functions took ~45 ms per claim with 20,000 queued.
 _WALK = (
-    "SELECT seq, priority, host, client FROM jobs "
+    "SELECT seq, priority, host, client FROM jobs "  # noqa: S608 - constant fragments
     "WHERE state = 'queued' AND not_before <= ? "
+    f"{COOLING_SQLITE}"
     "AND host NOT IN (SELECT value FROM json_each(?)) "
     "AND client NOT IN (SELECT value FROM json_each(?)) "
     "{after}ORDER BY priority DESC, seq"
@@ -341,10 +346,10 @@ class SQLiteJobStore(StoreCore):
             return self._submit(pick_and_claim)
         if skip_hosts:
             query = _CLAIM_SKIPPING
-            params: tuple[object, ...] = (now, now, json.dumps(list(skip_hosts)), limit)
+            params: tuple[object, ...] = (now, now, now, json.dumps(list(skip_hosts)), limit)
         else:
             query = _CLAIM_ALL
-            params = (now, now, limit)
+            params = (now, now, now, limit)
 
         def claim(conn: sqlite3.Connection) -> tuple[list[Job], Delta]:
             return claimed(conn.execute(query, params))
@@ -379,7 +384,7 @@ def _pick(conn: sqlite3.Connection, now: float, caps: Caps) -> list[int]:
     )
     after: tuple[int, int] | None = None
     while True:
-        params = (now, json.dumps(picker.full_hosts()), json.dumps(picker.full_clients()))
+        params = (now, now, json.dumps(picker.full_hosts()), json.dumps(picker.full_clients()))
         if after is None:
             cursor = conn.execute(_WALK_FROM_START, params)
         else:
