@@ -1,7 +1,7 @@
 """Runs the benchmark workloads side by side against one loopback nginx and prints a table
 of absolute figures and ratios against the peers. Started by ``bench/run``.
 
-    python -m bench.harness [--quick] [--only a,b,c,d,s,p] [--rounds N] [--no-profile]
+    python -m bench.harness [--quick] [--only a,b,c,d,s,p,rv] [--rounds N] [--no-profile]
 
 Every client run is its own process; rounds are interleaved (each round runs every
 client once, in a rotated order) and the tables show medians over rounds.
@@ -44,6 +44,8 @@ BIG_SIZE = 100 * MIB
 SBIG_FILE = "10m.bin"
 SBIG_SIZE = 10 * MIB
 CURL_PARALLEL_MAX = 300
+PAGES_DIR = "pages"
+PAGE_SIZE = 20 * KIB
 
 
 # -- configuration --------------------------------------------------------------------------
@@ -69,6 +71,7 @@ class Plan:
     service_concurrency: int
     sbig_n: int
     sbig_concurrency: int
+    reval_n: int
 
 
 FULL = Plan(
@@ -90,6 +93,7 @@ FULL = Plan(
     service_concurrency=200,
     sbig_n=200,
     sbig_concurrency=8,
+    reval_n=1_000,
 )
 QUICK = Plan(
     rounds=1,
@@ -110,6 +114,7 @@ QUICK = Plan(
     service_concurrency=200,
     sbig_n=50,
     sbig_concurrency=8,
+    reval_n=200,
 )
 
 
@@ -267,6 +272,19 @@ def judge_bodies(run: Run, sizes: Sequence[int], expected: int, *, counted_here:
 # -- servers --------------------------------------------------------------------------------
 
 
+def write_pages(directory: Path, n: int) -> None:
+    """(rv)'s pages: ``0`` .. ``n-1``, 20 KiB of random bytes each, for nginx to serve
+    with its own validators (``ETag: "<mtime>-<size>"``, ``Last-Modified``) and to answer
+    304 when both validators match. Each page gets its own mtime, so that no two pages
+    share an ETag: a validator sent for the wrong page gets a 200, not a 304."""
+    directory.mkdir()
+    base = int(time.time()) - 86_400
+    for i in range(n):
+        path = directory / str(i)
+        path.write_bytes(os.urandom(PAGE_SIZE))
+        os.utime(path, (base - i, base - i))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -298,6 +316,7 @@ events {{ worker_connections 8192; }}
 http {{
     default_type application/octet-stream;
     access_log off;
+    log_format pages '$status $body_bytes_sent $bytes_sent';
     sendfile on;
     tcp_nopush on;
     tcp_nodelay on;
@@ -311,6 +330,8 @@ http {{
     server {{
         listen 127.0.0.1:{port};
         root {prefix}/www;
+        # (rv) counts what the target sent: status and bytes, one line per page request.
+        location /pages/ {{ access_log {prefix}/pages.log pages; }}
     }}
 }}
 """
@@ -318,14 +339,16 @@ http {{
 
 @contextlib.contextmanager
 def nginx(
-    prefix: Path, *, big: bool, sbig: bool = False
+    prefix: Path, *, big: bool, sbig: bool = False, pages: int = 0
 ) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     """A one-worker nginx on a free loopback port serving 1k.bin (and 100m.bin, and
-    10m.bin)."""
+    10m.bin, and ``pages`` pages for (rv): ``write_pages``)."""
     www = prefix / "www"
     www.mkdir(parents=True)
     (prefix / "tmp").mkdir()
     (www / SMALL_FILE).write_bytes(os.urandom(KIB))
+    if pages:
+        write_pages(www / PAGES_DIR, pages)
     if sbig:
         (www / SBIG_FILE).write_bytes(os.urandom(SBIG_SIZE))
     if big:
@@ -1252,6 +1275,180 @@ class Bench:
             "runs": {k: [asdict(x) for x in v] for k, v in runs.items()},
         }
 
+    # (rv) ---------------------------------------------------------------------------------
+
+    def revalidate(self) -> None:
+        """What conditional revalidation saves a monitor: pages that did not change,
+        revalidated (304s, nothing stored) against the same pages fetched again."""
+        p = self.plan
+        n, c = p.reval_n, min(p.service_concurrency, CURL_PARALLEL_MAX)
+        out(
+            f"(rv) conditional revalidation: {n:,} pages of {PAGE_SIZE // KIB} KiB on nginx "
+            f"(its ETag and Last-Modified, unchanged), one batch of {n:,} jobs (POST "
+            f"/v1/batches) per phase: full (unconditional, cold), revalidate (each job "
+            f"`revalidate`s the full job of its page), full again (warm), revalidate again "
+            f"(of the revalidations); twistd curlfetch --max-concurrency {c}, a fresh one per "
+            f"round; {p.rounds} rounds"
+        )
+        probe = self.probe()
+        runs: list[Run] = []
+        for r in range(p.rounds):
+            argv = [
+                "--url", self.url(f"{PAGES_DIR}/"), "-n", str(n), "-c", str(c),
+                "--expect-size", str(PAGE_SIZE), "--access-log", str(self.pages_log),
+                "--work", str(self.work), "--timeout", "180", *self.service_args,
+            ]  # fmt: skip
+            run = run_python_client("revalidate", argv, 300, script=BENCH / "revalidate_bench.py")
+            runs.append(run)
+            phases = run.extra.get("phases") or []
+            for phase in phases:
+                out(f"  round {r + 1} {phase['name']:<16} {_phase_line(phase)}")
+            if not phases or run.errors or run.failed:
+                out(f"  round {r + 1} {describe_failure(run) or 'no result'}")
+
+        out()
+        good = clean(runs)
+        names = [phase["name"] for phase in (good[0].extra["phases"] if good else [])]
+
+        def phase_median(name: str, metric: Callable[[dict[str, Any]], float]) -> float | None:
+            return median(
+                [metric(ph) for run in good for ph in run.extra["phases"] if ph["name"] == name]
+            )
+
+        def target(key: str) -> Callable[[dict[str, Any]], float]:
+            return lambda ph: float((ph["target"] or {}).get(key, 0))
+
+        def status(code: str) -> Callable[[dict[str, Any]], float]:
+            return lambda ph: float((ph["target"] or {}).get("statuses", {}).get(code, 0))
+
+        metrics: dict[str, Callable[[dict[str, Any]], float]] = {
+            "jobs_s": lambda ph: float(ph["jobs_s"]),
+            "wall": lambda ph: float(ph["wall"]),
+            "submit_wall": lambda ph: float(ph["submit_wall"]),
+            "cpu_us_per_job": lambda ph: ph["cpu"] / ph["jobs"] * 1e6,
+            "target_200": status("200"),
+            "target_304": status("304"),
+            "target_body_bytes": target("body_bytes"),
+            "target_bytes": target("bytes"),
+            "downloaded": lambda ph: float(ph["downloaded"]),
+            "stored": lambda ph: float(ph["stored"]),
+            "stored_by_jobs": lambda ph: float(ph["stored_by_jobs"]),
+        }
+        summary: dict[str, dict[str, float | None]] = {
+            name: {key: phase_median(name, metric) for key, metric in metrics.items()}
+            for name in names
+        }
+        rows = []
+        for name in names:
+            m = summary[name]
+            rates = [
+                float(ph["jobs_s"]) for x in good for ph in x.extra["phases"] if ph["name"] == name
+            ]
+            rows.append(
+                [
+                    name,
+                    f"{n:,}",
+                    fmt(m["wall"], ".2f"),
+                    fmt(m["submit_wall"], ".2f"),
+                    fmt(m["jobs_s"], ",.0f") + spread(rates),
+                    fmt(m["cpu_us_per_job"], ",.0f"),
+                    f"{fmt(m['target_200'], ',.0f')} / {fmt(m['target_304'], ',.0f')}",
+                    fmt(m["target_body_bytes"], ",.0f"),
+                    fmt(m["target_bytes"], ",.0f"),
+                    fmt(m["downloaded"], ",.0f"),
+                    fmt(m["stored"], ",.0f"),
+                ]
+            )
+        out(
+            f"  medians over {len(good)} clean round(s) of {p.rounds}; wall: POST to the last "
+            "job's finished_at; POST: sent to 201 read (revalidations look the earlier jobs "
+            "up there); CPU: the twistd process's; sent: nginx's access log "
+            "($body_bytes_sent, $bytes_sent); downloaded: curlfetch_downloaded_bytes_total's "
+            "growth; stored: the body store's growth on disk (segments)"
+        )
+        table(
+            [
+                "phase", "jobs", "wall s", "POST s", "jobs/s", "CPU µs/job", "target 200/304",
+                "body bytes sent", "bytes sent", "downloaded", "bytes stored",
+            ],
+            rows,
+        )  # fmt: skip
+        out()
+        base = summary.get("full again")
+        for name in ("revalidate", "revalidate again"):
+            mine = summary.get(name)
+            if base is None or mine is None:
+                out(f"  {name} vs full again: cannot judge, a run failed")
+                continue
+            out(
+                f"  {name} vs full again: jobs/s {ratio(mine['jobs_s'], base['jobs_s'])}, "
+                f"CPU per job {ratio(mine['cpu_us_per_job'], base['cpu_us_per_job'])}, "
+                f"bytes sent by the target {_share(mine['target_bytes'], base['target_bytes'])} "
+                f"(body bytes {_share(mine['target_body_bytes'], base['target_body_bytes'])}), "
+                f"bytes stored {_share(mine['stored'], base['stored'])}"
+            )
+        cold, first = summary.get("full"), summary.get("revalidate")
+        if cold is not None and first is not None:
+            out(
+                f"  (revalidate vs the cold first full phase: jobs/s "
+                f"{ratio(first['jobs_s'], cold['jobs_s'])})"
+            )
+        lags = [ph["observed_wall"] - ph["wall"] for x in good for ph in x.extra["phases"]]
+        if lags:
+            late = sum(1 for lag in lags if lag > 0.5)
+            out(
+                f"  the batch long-poll (GET /v1/batches/{{id}}?wait=) answered {min(lags):.2f}-"
+                f"{max(lags):.2f} s after the last job's finished_at (median "
+                f"{fmt(median(lags), '.2f')} s); over 0.5 s late in {late} of {len(lags)} phases"
+            )
+        out()
+        self._revalidate_checks(runs, n)
+        out(f"  {probe.summary()}")
+        self.record["rv"] = {"summary": summary, "runs": [asdict(x) for x in runs]}
+
+    @property
+    def pages_log(self) -> Path:
+        """(rv): nginx's access log of the pages (``NGINX_CONF``)."""
+        return self.work / "nginx" / "pages.log"
+
+    def _revalidate_checks(self, runs: Sequence[Run], n: int) -> None:
+        """The verdicts on correctness, over every round (a failed one included)."""
+        finished = [x for x in runs if not x.failed and x.extra.get("phases")]
+        phases = [ph for x in finished for ph in x.extra["phases"]]
+        reval = [ph for ph in phases if ph["name"].startswith("revalidate")]
+        full = [ph for ph in phases if not ph["name"].startswith("revalidate")]
+        every = len(finished) == len(runs) and bool(reval) and bool(full)
+        reval_ok = sum(ph["ok"] for ph in reval)
+        out(
+            f"  {pass_fail(every and reval_ok == n * len(reval))}: every revalidation job "
+            f"succeeded with HTTP 304, not_modified true, body_of = the full job of its page, "
+            f"that job's body (size, sha256) and ETag: {reval_ok:,}/{n * len(reval):,}"
+        )
+        full_ok = sum(ph["ok"] for ph in full)
+        out(
+            f"  {pass_fail(every and full_ok == n * len(full))}: every unconditional job "
+            f"succeeded with HTTP 200, {PAGE_SIZE:,} body bytes, ETag and Last-Modified: "
+            f"{full_ok:,}/{n * len(full):,}"
+        )
+        quiet = all(
+            (ph["target"] or {}).get("statuses") == {"304": n}
+            and ph["target"]["body_bytes"] == 0
+            and ph["downloaded"] == 0
+            and ph["stored"] == 0
+            for ph in reval
+        )
+        out(
+            f"  {pass_fail(every and quiet)}: for revalidations the target answered only "
+            f"304s and sent no body bytes, the service downloaded and stored none"
+        )
+        compared = sum(x.extra.get("bodies_compared", 0) for x in finished)
+        problems = [p for x in finished for p in x.extra.get("body_problems", [])]
+        out(
+            f"  {pass_fail(every and compared > 0 and not problems)}: revalidation jobs' "
+            f"bodies read through GET /v1/jobs/{{id}}/body are the full job's bytes "
+            f"({compared} compared{', first problem: ' + problems[0] if problems else ''})"
+        )
+
 
 def _service_line(run: Run) -> str:
     if run.failed or not run.wall:
@@ -1270,6 +1467,26 @@ def _service_line(run: Run) -> str:
         f"({cpu_us_per_req(run):.0f} µs/job)  submit p50/p99 {ms(sub, 'p50')}/{ms(sub, 'p99')} ms"
         f"  to terminal p50/p99 {sec(term, 'p50')}/{sec(term, 'p99')} s  {describe_failure(run)}"
     ).rstrip()
+
+
+def _phase_line(phase: dict[str, Any]) -> str:
+    """One phase of (rv) in one round."""
+    sent = phase.get("target") or {}
+    statuses = ", ".join(f"{k} x{v:,}" for k, v in sorted(sent.get("statuses", {}).items()))
+    return (
+        f"{phase['jobs_s']:>7,.0f} jobs/s  wall {phase['wall']:5.2f} s  "
+        f"CPU {phase['cpu'] / phase['jobs'] * 1e6:5,.0f} µs/job  target: {statuses or '-'}, "
+        f"{sent.get('bytes', 0):>10,} bytes sent  downloaded {phase['downloaded']:>10,}  "
+        f"stored {phase['stored']:>10,}  {phase['ok']:,}/{phase['jobs']:,} ok"
+    )
+
+
+def _share(part: float | None, whole: float | None) -> str:
+    """``part`` as a percentage of ``whole``, with both: bytes are easier read so."""
+    if part is None or whole is None:
+        return "-"
+    share = f"{part / whole * 100:.2f}%" if whole else "-"
+    return f"{share} ({part:,.0f} vs {whole:,.0f})"
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -1291,7 +1508,7 @@ def versions() -> str:
     )
 
 
-WORKLOADS = ("a", "b", "c", "d", "s", "shook", "sbig", "p")
+WORKLOADS = ("a", "b", "c", "d", "s", "shook", "sbig", "p", "rv")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1300,14 +1517,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         default="a,b,c,d,s,shook,sbig",
-        help="workloads to run, e.g. a,b or s,sbig; p (scale-out) only if named",
+        help="workloads to run, e.g. a,b or s,sbig; p (scale-out) and rv (revalidation) "
+        "only if named",
     )
     parser.add_argument(
         "--service-arg",
         action="append",
         default=[],
         metavar="ARG",
-        help="(s, s-big, p) one more twistd curlfetch option for every service run, "
+        help="(s, s-big, p, rv) one more twistd curlfetch option for every service run, "
         "repeatable: --service-arg=--body-compression=gzip",
     )
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3, quick 1)")
@@ -1339,7 +1557,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix=f"tmp-{stamp}-", dir=results))
     record: dict[str, Any] = {}
     try:
-        with nginx(work / "nginx", big="b" in only, sbig="sbig" in only) as (port, proc):
+        pages = plan.reval_n if "rv" in only else 0
+        server = nginx(work / "nginx", big="b" in only, sbig="sbig" in only, pages=pages)
+        with server as (port, proc):
             out(f"  nginx: 1 worker on 127.0.0.1:{port}, keep-alive, access log off")
             out(f"  work dir {work}")
             profile_to = None if args.no_profile else results / f"{stamp}-service-profile.txt"
@@ -1353,6 +1573,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "shook": bench.service_hooks,
                 "sbig": bench.service_big,
                 "p": bench.scale,
+                "rv": bench.revalidate,
             }
             for key in WORKLOADS:
                 if key in only:
