@@ -48,10 +48,7 @@ import json
 import os
 import re
 import resource
-import shutil
-import signal
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -61,8 +58,8 @@ from typing import Any
 
 import aiohttp
 
-from bench.common import Result, emit, raise_nofile_limit
-from bench.service_bench import Service, add_service_arg, parse_time, wait_ready
+from bench.common import Result, emit
+from bench.service_bench import Service, add_service_arg, parse_time, wait_ready, with_service
 
 NDJSON = "application/x-ndjson"
 BATCH_WAIT = 30.0
@@ -470,31 +467,19 @@ async def drive(args: Args, service: Service, result: Result) -> None:
 
 
 def run(args: Args) -> int:
-    raise_nofile_limit()
-    work = Path(tempfile.mkdtemp(prefix="revalidate-", dir=args.work))
     result = Result("revalidate", "service", args.n * len(PHASES), args.concurrency)
-    service: Service | None = None
-
-    def terminated(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, terminated)
-    try:
-        service = Service(work, args.concurrency, args.service_args)
-        try:
-            asyncio.run(asyncio.wait_for(drive(args, service, result), args.timeout + 60))
-        except Exception as e:
-            log(f"failed: {type(e).__name__}: {e}")
-            log("service log tail:\n" + service.log_tail())
-            return 1
-        if service.proc.poll() is not None:
-            result.error(f"the service exited with {service.proc.returncode}")
-        if result.errors:
-            log("service log tail:\n" + service.log_tail())
-    finally:
-        if service is not None:
-            service.stop()
-        shutil.rmtree(work, ignore_errors=True)
+    ok = with_service(
+        "revalidate-",
+        args.work,
+        args.concurrency,
+        args.service_args,
+        args.timeout + 60,
+        result,
+        lambda service: drive(args, service, result),
+        log,
+    )
+    if not ok:
+        return 1
     emit(result)
     return 0
 

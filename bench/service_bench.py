@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -636,10 +636,21 @@ def profile_lines(summary: dict[str, Any]) -> list[str]:
 # -- main -------------------------------------------------------------------------------
 
 
-def run(args: Args) -> int:
+def with_service(
+    prefix: str,
+    work_dir: str | None,
+    concurrency: int,
+    service_args: tuple[str, ...],
+    timeout: float,
+    result: Result,
+    drive_it: Callable[[Service], Coroutine[Any, Any, None]],
+    say: Callable[[str], None] = log,
+) -> bool:
+    """Start the service in a fresh directory, run ``drive_it`` against it (within
+    ``timeout``), stop it and remove the directory; False if the drive failed (the
+    service's log tail is shown then, and when the result has errors)."""
     raise_nofile_limit()
-    work = Path(tempfile.mkdtemp(prefix="service-", dir=args.work))
-    result = Result("service", "service", args.n, args.concurrency)
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=work_dir))
     service: Service | None = None
 
     def terminated(signum: int, frame: object) -> None:
@@ -647,21 +658,37 @@ def run(args: Args) -> int:
 
     signal.signal(signal.SIGTERM, terminated)
     try:
-        service = Service(work, args.concurrency, args.service_args)
+        service = Service(work, concurrency, service_args)
         try:
-            asyncio.run(asyncio.wait_for(drive(args, service, result), args.timeout + 60))
+            asyncio.run(asyncio.wait_for(drive_it(service), timeout))
         except Exception as e:
-            log(f"failed: {type(e).__name__}: {e}")
-            log("service log tail:\n" + service.log_tail())
-            return 1
+            say(f"failed: {type(e).__name__}: {e}")
+            say("service log tail:\n" + service.log_tail())
+            return False
         if service.proc.poll() is not None:
             result.error(f"the service exited with {service.proc.returncode}")
         if result.errors:
-            log("service log tail:\n" + service.log_tail())
+            say("service log tail:\n" + service.log_tail())
     finally:
         if service is not None:
             service.stop()
         shutil.rmtree(work, ignore_errors=True)
+    return True
+
+
+def run(args: Args) -> int:
+    result = Result("service", "service", args.n, args.concurrency)
+    ok = with_service(
+        "service-",
+        args.work,
+        args.concurrency,
+        args.service_args,
+        args.timeout + 60,
+        result,
+        lambda service: drive(args, service, result),
+    )
+    if not ok:
+        return 1
     if args.profile:
         summary = summarize_profile(args.profile, args.top)
         result.extra["profile"] = summary

@@ -514,7 +514,18 @@ _JOB_ID = re.compile(r"[0-9a-f]{32}\Z")
 
 
 @attrs.frozen
-class _Validator(Field):
+class _OptionalString(Field):
+    """A string shown in the view only when given."""
+
+    def schema(self, limits: Limits) -> dict[str, dict[str, Any]]:
+        return {self.name: described({"type": ["string", "null"]}, self.description)}
+
+    def view(self, limits: Limits) -> dict[str, tuple[dict[str, Any], bool]]:
+        return {self.name: ({"type": "string"}, False)}
+
+
+@attrs.frozen
+class _Validator(_OptionalString):
     """A conditional request's validator: ``etag`` (an entity-tag list, or ``*``) or
     ``date`` (an HTTP-date), sent as ``header``, which ``headers`` must then not give.
     Checked after ``headers``."""
@@ -541,15 +552,9 @@ class _Validator(Field):
 
         return check
 
-    def schema(self, limits: Limits) -> dict[str, dict[str, Any]]:
-        return {self.name: described({"type": ["string", "null"]}, self.description)}
-
-    def view(self, limits: Limits) -> dict[str, tuple[dict[str, Any], bool]]:
-        return {self.name: ({"type": "string"}, False)}
-
 
 @attrs.frozen
-class _JobRef(Field):
+class _JobRef(_OptionalString):
     """A job id, or null."""
 
     def bind(self, limits: Limits) -> Check:
@@ -562,12 +567,6 @@ class _JobRef(Field):
             out[name] = value
 
         return check
-
-    def schema(self, limits: Limits) -> dict[str, dict[str, Any]]:
-        return {self.name: described({"type": ["string", "null"]}, self.description)}
-
-    def view(self, limits: Limits) -> dict[str, tuple[dict[str, Any], bool]]:
-        return {self.name: ({"type": "string"}, False)}
 
 
 def is_http_date(value: str) -> bool:

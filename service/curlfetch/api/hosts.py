@@ -205,7 +205,8 @@ class HostsResource(ApiResource):
                 400, "invalid_request", "give the host as host:port (example.org:443)", field="host"
             )
         now = api.reactor.seconds()
-        counts = await api.store.client_hosts_for(client, host, now - RECENT)
+        rows = await api.store.client_hosts(client, now - RECENT, 1, host=host)
+        counts = (rows[0][1], rows[0][2], rows[0][3]) if rows else (0, 0, {})
         cooldowns = await api.store.cooldowns(now, [host])
         robots = await self._robots([host])
         view = self._view(host, counts, cooldowns.get(host), robots)

@@ -742,55 +742,34 @@ class StoreCore(LoopMethods, HostMethods):
         return self._read(counts)
 
     def client_hosts(
-        self, client: str, errors_since: float, limit: int
+        self, client: str, errors_since: float, limit: int, host: str | None = None
     ) -> Deferred[list[tuple[str, int, int, dict[str, int]]]]:
-        """The client's hosts with queued or running jobs or recent failures: (host,
-        queued, running, failures since ``errors_since`` by error code), busiest first."""
+        """The client's hosts (or ``host`` alone) with queued or running jobs or recent
+        failures: (host, queued, running, failures since ``errors_since`` by error code),
+        busiest first."""
         p = self.sql.p
+        one = "" if host is None else f"AND host = {p} "
+        only = () if host is None else (host,)
         active = (
-            f"SELECT host, state, count(*) FROM jobs WHERE client = {p} "  # noqa: S608
+            f"SELECT host, state, count(*) FROM jobs WHERE client = {p} {one}"  # noqa: S608
             "AND state IN ('queued', 'running') GROUP BY host, state"
         )
         failed = (
-            f"SELECT host, error_code, count(*) FROM jobs WHERE client = {p} "  # noqa: S608
+            f"SELECT host, error_code, count(*) FROM jobs WHERE client = {p} {one}"  # noqa: S608
             f"AND state = 'failed' AND finished_at >= {p} GROUP BY host, error_code"
         )
 
         def hosts(conn: Connection) -> tuple[list[tuple[str, int, int, dict[str, int]]], Delta]:
             rows: dict[str, list[Any]] = {}
-            for host, state, n in conn.execute(active, (client,)):
-                row = rows.setdefault(host, [host, 0, 0, {}])
+            for name, state, n in conn.execute(active, (client, *only)):
+                row = rows.setdefault(name, [name, 0, 0, {}])
                 row[1 if state == "queued" else 2] += n
-            for host, code, n in conn.execute(failed, (client, errors_since)):
-                rows.setdefault(host, [host, 0, 0, {}])[3][str(code)] = n
+            for name, code, n in conn.execute(failed, (client, *only, errors_since)):
+                rows.setdefault(name, [name, 0, 0, {}])[3][str(code)] = n
             busiest = sorted(rows.values(), key=lambda r: -(r[1] + r[2] + sum(r[3].values())))
             return [(r[0], r[1], r[2], r[3]) for r in busiest[:limit]], NONE
 
         return self._read(hosts)
-
-    def client_hosts_for(
-        self, client: str, host: str, errors_since: float
-    ) -> Deferred[tuple[int, int, dict[str, int]]]:
-        """One host of ``client_hosts``: (queued, running, failures since
-        ``errors_since`` by error code)."""
-        p = self.sql.p
-        active = (
-            f"SELECT state, count(*) FROM jobs WHERE client = {p} AND host = {p} "  # noqa: S608
-            "AND state IN ('queued', 'running') GROUP BY state"
-        )
-        failed = (
-            f"SELECT error_code, count(*) FROM jobs WHERE client = {p} AND host = {p} "  # noqa: S608
-            f"AND state = 'failed' AND finished_at >= {p} GROUP BY error_code"
-        )
-
-        def host_counts(conn: Connection) -> tuple[tuple[int, int, dict[str, int]], Delta]:
-            counts = dict(conn.execute(active, (client, host)).fetchall())
-            errors = {
-                str(code): n for code, n in conn.execute(failed, (client, host, errors_since))
-            }
-            return (counts.get("queued", 0), counts.get("running", 0), errors), NONE
-
-        return self._read(host_counts)
 
     def queued(self) -> int:
         return self._counts.total

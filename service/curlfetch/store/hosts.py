@@ -10,16 +10,14 @@ robots.txt serve the others.
 
 from __future__ import annotations
 
-import abc
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
 
+from .loop import StoreOps
 from .portable import Types
-
-Work = Callable[[Any], Any]
 
 COOLING_SQLITE = "AND host NOT IN (SELECT host FROM host_cooldowns WHERE until > ?) "
 COOLING_PG = "AND NOT (host = ANY(ARRAY(SELECT host FROM host_cooldowns WHERE until > %(now)s))) "
@@ -68,25 +66,10 @@ class RobotsRow:
     body: bytes
 
 
-class HostMethods(abc.ABC):
+class HostMethods(StoreOps):
     """The store's politeness methods (mixed into ``StoreCore``)."""
 
     sql: Any
-
-    @abc.abstractmethod
-    def _submit(
-        self,
-        work: Work,
-        *,
-        write: bool = True,
-        lock: bool = False,
-        recount: bool = False,
-        retry: bool = False,
-        events: bool = False,
-    ) -> Deferred[Any]: ...
-
-    @abc.abstractmethod
-    def _read(self, work: Work) -> Deferred[Any]: ...
 
     def set_cooldown(self, host: str, until: float, reason: str, now: float) -> Deferred[None]:
         """Pause ``host`` until ``until``, unless a later pause is already set (by any

@@ -28,16 +28,8 @@ from .rows import dumps, job_from_row
 Work = Callable[[Any], Any]
 
 
-class LoopMethods(abc.ABC):
-    """Batches, events, deliveries and secrets; see ``curlfetch.store.events``."""
-
-    @property
-    @abc.abstractmethod
-    def loop(self) -> LoopSQL: ...
-
-    @property
-    @abc.abstractmethod
-    def delivery_owner(self) -> str: ...
+class StoreOps(abc.ABC):
+    """What the store's method mixins run their work through (``StoreCore`` has it)."""
 
     @abc.abstractmethod
     def _submit(
@@ -53,6 +45,18 @@ class LoopMethods(abc.ABC):
 
     @abc.abstractmethod
     def _read(self, work: Work) -> Deferred[Any]: ...
+
+
+class LoopMethods(StoreOps):
+    """Batches, events, deliveries and secrets; see ``curlfetch.store.events``."""
+
+    @property
+    @abc.abstractmethod
+    def loop(self) -> LoopSQL: ...
+
+    @property
+    @abc.abstractmethod
+    def delivery_owner(self) -> str: ...
 
     @abc.abstractmethod
     def _cancelled_running(self, conn: Any, job_id: str, owner: str | None) -> None: ...
