@@ -91,6 +91,14 @@ class HostBook:
         reason = f"{record.failures} connect failures or timeouts in a row (last: {error.name})"
         return self._pause(host, now, seconds, reason)
 
+    def learn(self, host: str, cooldown: Cooldown) -> bool:
+        """Note a pause another instance set; True if it is news (later than known)."""
+        current = self.cooldowns.get(host)
+        if current is not None and current.until >= cooldown.until:
+            return False
+        self.cooldowns[host] = cooldown
+        return True
+
     def recent_errors(self, host: str) -> list[tuple[float, str, str]]:
         """The host's last attempt errors here: (when, code, message), newest last."""
         record = self._records.get(host)

@@ -104,6 +104,9 @@ class SchedulerConfig:
     """A robots.txt ``Crawl-delay`` longer than the per-host interval becomes the
     host's interval for jobs that obey it, up to this."""
     politeness: PolitenessConfig = attrs.field(factory=PolitenessConfig)
+    cooldown_watch_interval: float = 1.0
+    """Seconds between looks at the store's host pauses (set by other instances) while
+    jobs wait here for a host."""
     orphan_check_interval: float = 5.0
     """Seconds between self-checks (``requeue_orphans``): jobs the store holds as running
     for this scheduler that it is not running go back to the queue."""
@@ -193,6 +196,7 @@ class Scheduler(Service):
         """Claimed jobs whose last state change the store has not yet committed: the
         ones the store may rightly hold as ``running`` for us (see ``_check_orphans``)."""
         self._orphan_call: IDelayedCall | None = None
+        self._cooldown_call: IDelayedCall | None = None
         self.orphans_requeued = 0
 
     # -- service -------------------------------------------------------------------------
@@ -203,6 +207,7 @@ class Scheduler(Service):
         self._orphan_call = self._reactor.callLater(
             self.config.orphan_check_interval, self._check_orphans
         )
+        self._next_cooldown_watch()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]
@@ -295,7 +300,7 @@ class Scheduler(Service):
         """Stop claiming; give running transfers ``timeout`` seconds, then put the rest
         back to ``queued``. Fires when every state change has been handed to the store."""
         self._draining = True
-        for call in (self._wakeup, self._retry_timer, self._orphan_call):
+        for call in (self._wakeup, self._retry_timer, self._orphan_call, self._cooldown_call):
             if call is not None and call.active():
                 call.cancel()
         for name, host in list(self._hosts.items()):
@@ -593,16 +598,60 @@ class Scheduler(Service):
         self._store.set_cooldown(name, cooldown.until, cooldown.reason, cooldown.set_at).addErrback(
             lambda f: log.failure("storing the pause of host {host} failed", f, host=name)
         )
+        self._hold_host(name, cooldown.until)
+
+    def _hold_host(self, name: str, until: float) -> None:
+        """Start nothing for ``name`` here before ``until``; its waiting jobs go back to
+        the queue untouched (their slots are free for other hosts meanwhile)."""
         host = self._hosts.get(name)
         if host is None:
             return
-        host.next_start = max(host.next_start, cooldown.until)
+        host.next_start = max(host.next_start, until)
+        if not host.waiting:
+            return
         for job in host.waiting:
             self._save(self._requeued(job, None))
             self._release(job)
         self._waiting -= len(host.waiting)
         host.waiting.clear()
         self.wake()
+
+    def _watch_cooldowns(self) -> None:
+        """Learn the pauses other instances set for hosts that have jobs waiting here:
+        the store's claims already skip those hosts, and this holds the jobs claimed
+        before the pause began. Asks only while some host has waiting jobs."""
+        self._cooldown_call = None
+        if self._draining:
+            return
+        waiting = [name for name, host in self._hosts.items() if host.waiting]
+        if not waiting:
+            self._next_cooldown_watch()
+            return
+        d = self._store.cooldowns(self._reactor.seconds(), waiting)
+        d.addCallbacks(self._cooldowns_seen, self._cooldown_watch_failed)
+
+    def _cooldowns_seen(self, cooldowns: dict[str, Cooldown]) -> None:
+        for name, cooldown in cooldowns.items():
+            if self.host_book.learn(name, cooldown):
+                log.info(
+                    "host {host} is paused until {until:.3f} (by another instance): {reason}",
+                    host=name,
+                    until=cooldown.until,
+                    reason=cooldown.reason,
+                )
+            self._hold_host(name, cooldown.until)
+        self._next_cooldown_watch()
+
+    def _cooldown_watch_failed(self, failure: Failure) -> None:
+        if not failure.check(StoreClosedError):
+            log.failure("reading the hosts' pauses failed", failure)
+        self._next_cooldown_watch()
+
+    def _next_cooldown_watch(self) -> None:
+        if not self._draining and self.running:
+            self._cooldown_call = self._reactor.callLater(
+                self.config.cooldown_watch_interval, self._watch_cooldowns
+            )
 
     def _forget_if_idle(self, name: str, host: _Host, now: float | None = None) -> None:
         """Drop an idle host's entry (kept while its politeness interval still runs)."""

@@ -324,6 +324,37 @@ async def test_a_429_with_retry_after_pauses_the_whole_host(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_pause_set_elsewhere_holds_jobs_already_waiting_here(
+    services: ServiceFactory, targets: TargetFactory
+) -> None:
+    """Jobs claimed here and waiting for their host (its interval) are held when another
+    instance pauses the host (written to the shared store): they go back to the queue
+    and none is requested until the pause ends."""
+    target = targets()
+    svc = await services(
+        max_concurrency=8,
+        scheduler_config={
+            "max_per_host": 1,
+            "per_host_interval": 0.5,
+            "cooldown_watch_interval": 0.05,
+        },
+    )
+    reply = await svc.call(
+        "POST", "/v1/jobs", json_body={"jobs": [{"url": target.url(f"/w{i}")} for i in range(4)]}
+    )
+    await svc.until(lambda: bool(target.seen))
+    now = svc.reactor.seconds()
+    paused_at = time.monotonic()
+    await within(svc.store.set_cooldown(target.host, now + 2, "HTTP 429 elsewhere", now))
+    jobs = [await svc.wait_job(job["id"], 10) for job in reply.json()["jobs"]]
+    assert {j["state"] for j in jobs} == {"succeeded"}
+    assert [j["attempts"] for j in jobs] == [1] * 4  # held, not retried
+    during = [s.at - paused_at for s in target.seen if 0.2 < s.at - paused_at < 1.95]
+    assert not during, during
+    assert len(target.seen) == 4
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_run_of_connect_failures_pauses_the_host(services: ServiceFactory) -> None:
     """Connect failures in a row (the threshold) pause the host; the hosts view says
     why, lists the failed jobs and the failed attempts."""
