@@ -400,6 +400,42 @@ def body(job_id: str, output: str | None) -> None:
                 target.flush()
 
 
+@main.command()
+@click.argument("host", required=False)
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
+def hosts(host: str | None, limit: int) -> None:
+    """Hosts of your jobs (or HOST, as host:port): queued, running, pause, robots.txt."""
+    api, out = _ctx()
+    if host is not None:
+        view = api.json("GET", f"/v1/hosts/{host}")
+        if out.as_json:
+            out.data(view)
+            return
+        out.table(
+            None, ["host", "queued", "running", "interval", "paused", "robots"], [_host_row(view)]
+        )
+        for label, key in (("failed jobs", "last_errors"), ("failed attempts", "attempt_errors")):
+            rows = [[e["at"], e["code"], e["message"]] for e in view.get(key, [])]
+            if rows:
+                out.table(label, ["at", "code", "message"], rows)
+        return
+    views = api.json("GET", "/v1/hosts", params={"limit": str(limit)})["hosts"]
+    if out.as_json:
+        out.data(views)
+        return
+    out.table(None, _HOST_COLUMNS, [_host_row(view) for view in views])
+
+
+_HOST_COLUMNS = ("host", "queued", "running", "interval", "paused", "robots")
+
+
+def _host_row(view: dict[str, Any]) -> list[Any]:
+    pause = view["cooldown"]
+    paused = "" if pause is None else f"until {pause['until']}: {pause['reason']}"
+    robots = ", ".join(f"{r['origin']} {r['state']}" for r in view["robots"])
+    return [view["host"], view["queued"], view["in_flight"], view["interval"], paused, robots]
+
+
 @main.command(name="ls")
 @click.option(
     "--state", type=click.Choice(["queued", "running", "succeeded", "failed", "cancelled"])

@@ -100,7 +100,7 @@ async def test_submit_wait_summarizes_and_exits_by_outcome(
 @pytest_twisted.ensureDeferred
 async def test_the_other_commands(daemons: Daemons, target: LoopbackSite, tmp_path: Path) -> None:
     """status, get, body -o, ls (--state, --batch), cancel (a job, --batch), watch
-    --no-follow and export --warc/--ndjson, each with --json too."""
+    --no-follow, export --warc/--ndjson and hosts (all, one), each with --json too."""
     d = await authed(daemons)
     batch = json.loads(
         (await cli(d, "--json", "submit", target.url("/bytes?n=33"), "--wait")).stdout
@@ -124,6 +124,13 @@ async def test_the_other_commands(daemons: Daemons, target: LoopbackSite, tmp_pa
         assert result.returncode == 0, result
         assert (tmp_path / name).stat().st_size > 0
     slow = json.loads((await cli(d, "--json", "submit", target.url("/delay?s=30"))).stdout)
+    host = target.url("/").split("/")[2]
+    (listed_host,) = json.loads((await cli(d, "--json", "hosts")).stdout)
+    assert (listed_host["host"], listed_host["queued"] + listed_host["in_flight"]) == (host, 1)
+    one = await cli(d, "hosts", host)
+    assert one.returncode == 0, one
+    assert one.stdout.splitlines()[1].split("\t")[0] == host
+    assert (await cli(d, "hosts", "no-port")).returncode == 1
     result = await cli(d, "--json", "cancel", "--batch", slow["id"])
     assert json.loads(result.stdout)["state"] == "cancelled"
     result = await cli(d, "cancel", job["id"])
