@@ -142,6 +142,9 @@ class RobotsConfig:
     """How long an unreachable robots.txt disallows everything before it is fetched again."""
     timeout: float = 10.0
     max_entries: int = 10_000
+    max_bytes: int = 64 * 1024 * 1024
+    """Bodies kept in memory at most (a robots.txt may be 500 KiB): the least recently
+    used origins go first (the store still has them)."""
     egress: EgressPolicy | None = None
     ca_bundle: str | None = None
 
@@ -166,6 +169,7 @@ class RobotsCache:
         self._on_fetched = on_fetched
         self._cache: OrderedDict[str, Robots] = OrderedDict()
         self._loading: dict[str, list[Deferred[Robots]]] = {}
+        self._bytes = 0
         self.fetches = 0
 
     def cached(self, origin: str, now: float) -> Robots | None:
@@ -218,10 +222,17 @@ class RobotsCache:
 
     def _remember(self, row: RobotsRow) -> Robots:
         robots = Robots(row)
+        old = self._cache.pop(row.origin, None)
+        if old is not None:
+            self._bytes -= len(old.row.body)
         self._cache[row.origin] = robots
-        self._cache.move_to_end(row.origin)
-        while len(self._cache) > self.config.max_entries:
-            self._cache.popitem(last=False)
+        self._bytes += len(row.body)
+        config = self.config
+        while len(self._cache) > 1 and (
+            len(self._cache) > config.max_entries or self._bytes > config.max_bytes
+        ):
+            _, dropped = self._cache.popitem(last=False)
+            self._bytes -= len(dropped.row.body)
         return robots
 
     async def _load(self, origin: str) -> Robots:

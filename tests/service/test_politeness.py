@@ -251,6 +251,24 @@ async def test_robots_is_fetched_under_the_egress_policy(targets: TargetFactory)
         client.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_robots_cache_is_bounded_by_bytes(targets: TargetFactory) -> None:
+    """The in-memory cache drops its least recently used origins once their bodies pass
+    ``max_bytes`` (a robots.txt may be 500 KiB, and a crawl meets many origins)."""
+    sites = [targets() for _ in range(3)]
+    for site in sites:
+        site.robots_body = b"User-agent: *\nDisallow: /x\n" + b"#" * 100
+    client = CurlClient(reactor())
+    try:
+        cache = RobotsCache(reactor(), client, None, RobotsConfig(max_bytes=300, timeout=2.0))
+        for site in sites:
+            await within(cache.load(f"http://{site.host}"))
+        assert cache.known(f"http://{sites[0].host}") is None
+        assert all(cache.known(f"http://{site.host}") is not None for site in sites[1:])
+    finally:
+        client.close()
+
+
 # -- host cooldowns --------------------------------------------------------------------------
 
 
