@@ -288,6 +288,8 @@ class JobSpec:
 
     def conditional_headers(self) -> tuple[tuple[str, str], ...]:
         """The request headers the validators become."""
+        if self.if_none_match is None and self.if_modified_since is None:
+            return ()
         out: list[tuple[str, str]] = []
         if self.if_none_match is not None:
             out.append(("If-None-Match", self.if_none_match))

@@ -11,7 +11,7 @@ text is generated. Reactor lag is sampled by a ``LoopingCall`` between ``start()
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -32,6 +32,10 @@ from twisted.python.failure import Failure
 from .engine import Response
 from .jobs import Job, JobError, JobState
 from .scheduler import SchedulerObserver
+
+if TYPE_CHECKING:
+    from .politeness import HostBook
+    from .robots import RobotsCache
 
 log = Logger()
 
@@ -93,15 +97,9 @@ class _Scheduler(Protocol):
     @property
     def orphans_requeued(self) -> int: ...
     @property
-    def robots_fetches(self) -> int: ...
-    def hosts_cooling(self) -> int: ...
+    def host_book(self) -> HostBook: ...
     @property
-    def host_book(self) -> _HostBook: ...
-
-
-class _HostBook(Protocol):
-    @property
-    def started(self) -> int: ...
+    def robots(self) -> RobotsCache | None: ...
 
 
 class _Recovery(Collector):
@@ -124,21 +122,6 @@ class _Recovery(Collector):
             "Store operations (saves) run again after the database failed under them.",
             value=0 if store is None else store.retried_ops,
         )
-        yield GaugeMetricFamily(
-            "curlfetch_hosts_in_cooldown",
-            "Hosts this instance holds paused (429/503 with Retry-After, or failing).",
-            value=0 if scheduler is None else scheduler.hosts_cooling(),
-        )
-        yield CounterMetricFamily(
-            "curlfetch_host_cooldowns",
-            "Host pauses this instance started.",
-            value=0 if scheduler is None else scheduler.host_book.started,
-        )
-        yield CounterMetricFamily(
-            "curlfetch_robots_fetches",
-            "robots.txt files fetched (not counting cache and store hits).",
-            value=0 if scheduler is None else scheduler.robots_fetches,
-        )
         bodies = self._metrics._bodies
         for name, text, value in (
             ("groups", "Groups of body records synced together (one fdatasync each).", "groups"),
@@ -154,6 +137,35 @@ class _Recovery(Collector):
                 text,
                 value=0 if bodies is None else getattr(bodies, value),
             )
+
+
+class _Politeness(Collector):
+    """Host pauses and robots.txt fetches, read from the scheduler's host book and
+    robots.txt cache."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        scheduler = self._metrics._scheduler
+        book = None if scheduler is None else scheduler.host_book
+        robots = None if scheduler is None else scheduler.robots
+        now = self._metrics._reactor.seconds()
+        yield GaugeMetricFamily(
+            "curlfetch_hosts_in_cooldown",
+            "Hosts this instance holds paused (429/503 with Retry-After, or failing).",
+            value=0 if book is None else book.cooling(now),
+        )
+        yield CounterMetricFamily(
+            "curlfetch_host_cooldowns",
+            "Host pauses this instance started.",
+            value=0 if book is None else book.started,
+        )
+        yield CounterMetricFamily(
+            "curlfetch_robots_fetches",
+            "robots.txt files fetched (not counting cache and store hits).",
+            value=0 if robots is None else robots.fetches,
+        )
 
 
 class _JobsByState(Collector):
@@ -190,6 +202,7 @@ class Metrics:
         self._jobs = _JobsByState()
         r.register(self._jobs)
         r.register(_Recovery(self))
+        r.register(_Politeness(self))
         self.submitted = Counter(
             "curlfetch_jobs_submitted", "Jobs accepted by POST /v1/jobs.", registry=r
         )

@@ -273,7 +273,7 @@ class RobotsCache:
         try:
             response = await self._client.fetch(
                 url,
-                headers=(("User-Agent", config.user_agent),),
+                user_agent=config.user_agent,
                 timeout=config.timeout,
                 connect_timeout=config.timeout,
                 follow_redirects=True,

@@ -48,7 +48,7 @@ from .engine import (
     Response,
 )
 from .jobs import BodyInfo, Job, JobError, JobResult, JobState
-from .politeness import HostBook, PolitenessConfig
+from .politeness import COOLDOWN_STATUSES, HostBook, PolitenessConfig
 from .robots import ALLOW, DISALLOW, Robots, RobotsCache
 from .store import Cooldown, JobStore, StoreClosedError
 from .warc import ResponseMeta, http_head
@@ -222,14 +222,6 @@ class Scheduler(Service):
     @property
     def draining(self) -> bool:
         return self._draining
-
-    @property
-    def robots_fetches(self) -> int:
-        return 0 if self.robots is None else self.robots.fetches
-
-    def hosts_cooling(self) -> int:
-        """Hosts this instance holds paused now."""
-        return self.host_book.cooling(self._reactor.seconds())
 
     def in_flight_for(self, client: str) -> int:
         """The client's claimed jobs not yet settled (what its in-flight quota counts)."""
@@ -556,15 +548,11 @@ class Scheduler(Service):
             "fetched until it can",
         )
         if job.attempts < job.spec.retry.max_attempts:
-            delay = retry_delay(job, None, now, self.config, self._rng)
+            at_least = robots.row.expires_at - now  # not before it may be read again
+            delay = retry_delay(job, None, now, self.config, self._rng, at_least=at_least)
             if delay is not None:
-                delay = max(delay, robots.row.expires_at - now)
-                deadline_at = job.deadline_at
-                if deadline_at is None or now + delay < deadline_at:
-                    self._observe(job, 0.0, None, error)
-                    self._save(self._requeued(job, now + delay))
-                    self._retry_at(now + delay)
-                    return False
+                self._retry_later(job, now, delay, seconds=0.0, response=None, error=error)
+                return False
         self._finish_attempt(job, started=now, now=now, response=None, error=error)
         return False
 
@@ -575,7 +563,7 @@ class Scheduler(Service):
         name = job.spec.host
         if response is not None:
             hinted = None
-            if response.status in (429, 503):
+            if response.status in COOLDOWN_STATUSES:
                 hinted = parse_retry_after(response.headers.get("retry-after"), now)
             cooldown = self.host_book.response(name, response.status, hinted, now)
         elif error is not None and error.name != "deadline_exceeded":
@@ -696,18 +684,11 @@ class Scheduler(Service):
             self._finish_attempt(job, started=now, now=now, response=None, error=error)
             return False
         egress = self.config.egress
-        headers = spec.headers
-        extra = spec.conditional_headers()
-        agent = self.config.user_agent
-        if agent is not None and not any(key.lower() == "user-agent" for key, _ in headers):
-            extra += (("User-Agent", agent),)
-        if extra:
-            headers += extra
         try:
             d = self._client.fetch(
                 spec.url,
                 method=spec.method,
-                headers=headers,
+                headers=spec.headers + spec.conditional_headers(),
                 body=spec.body,
                 timeout=timeout,
                 connect_timeout=min(spec.connect_timeout, timeout),
@@ -718,6 +699,7 @@ class Scheduler(Service):
                 sink=BodyConsumer(writer),
                 max_header_bytes=self.config.max_response_header_bytes,
                 ca_bundle=self.config.ca_bundle,
+                user_agent=self.config.user_agent,
                 connect_check=None if egress is None else egress.connect_check,
                 host_check=egress.host_check if egress and egress.checks_hosts else None,
             )
@@ -777,9 +759,9 @@ class Scheduler(Service):
             delay = retry_delay(job, retry_after, now, self.config, self._rng)
             if delay is not None:
                 writer.abort()
-                self._observe(job, now - running.started, response, error)
-                self._save(self._requeued(job, now + delay))
-                self._retry_at(now + delay)
+                self._retry_later(
+                    job, now, delay, seconds=now - running.started, response=response, error=error
+                )
                 return
         if response is None:
             writer.abort()
@@ -893,6 +875,22 @@ class Scheduler(Service):
         if response is not None:
             return response.status in RETRY_STATUSES
         return error is not None and error.curl_code in RETRY_CURL_CODES
+
+    def _retry_later(
+        self,
+        job: Job,
+        now: float,
+        delay: float,
+        *,
+        seconds: float,
+        response: Response | None,
+        error: JobError | None,
+    ) -> None:
+        """Count the failed attempt (``seconds`` long) and queue the job again for
+        ``now + delay``, claiming when it comes due."""
+        self._observe(job, seconds, response, error)
+        self._save(self._requeued(job, now + delay))
+        self._retry_at(now + delay)
 
     def _requeued(self, job: Job, not_before: float | None) -> Job:
         if not_before is None:
@@ -1059,12 +1057,20 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
 
 
 def retry_delay(
-    job: Job, retry_after: str | None, now: float, config: SchedulerConfig, rng: random.Random
+    job: Job,
+    retry_after: str | None,
+    now: float,
+    config: SchedulerConfig,
+    rng: random.Random,
+    *,
+    at_least: float = 0.0,
 ) -> float | None:
     """When to retry ``job`` after its failed attempt: the backoff, or ``Retry-After`` if
-    that asks for longer (up to ``config.max_retry_after``). None when the retry could not
-    start before the job's deadline."""
-    delay = backoff_delay(job.attempts, job.spec.retry.backoff, config.max_backoff, rng)
+    that asks for longer (up to ``config.max_retry_after``), and no sooner than
+    ``at_least``. None when the retry could not start before the job's deadline."""
+    delay = max(
+        backoff_delay(job.attempts, job.spec.retry.backoff, config.max_backoff, rng), at_least
+    )
     hinted = parse_retry_after(retry_after, now)
     if hinted is not None:
         delay = max(delay, min(hinted, config.max_retry_after))

@@ -278,7 +278,8 @@ async def test_method_and_multivalued_headers_in_order(
     engine: Engine, target: LoopbackSite
 ) -> None:
     """The method is sent as given, and headers (repeated names, empty values) arrive in
-    the order given, each value of a repeated header in order."""
+    the order given, each value of a repeated header in order; ``user_agent`` is sent
+    unless a header of that name (in any case) is given."""
     client = engine.client()
     headers = [
         ("X-Multi", "one"),
@@ -299,6 +300,12 @@ async def test_method_and_multivalued_headers_in_order(
     seen = await echo(engine, client, target, headers={"X-Map": "a", "User-Agent": "ua/1"})
     assert echo_header(seen, "x-map") == ["a"]
     assert echo_header(seen, "user-agent") == ["ua/1"]
+    seen = await echo(engine, client, target, user_agent="default/2")
+    assert echo_header(seen, "user-agent") == ["default/2"]
+    seen = await echo(
+        engine, client, target, user_agent="default/2", headers={"user-agent": "mine/3"}
+    )
+    assert echo_header(seen, "user-agent") == ["mine/3"]
     head = await engine.fetch(client, target.url("/echo"), method="HEAD")
     assert head.status == 200
     assert head.body == b""

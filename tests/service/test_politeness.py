@@ -326,10 +326,14 @@ async def test_a_429_with_retry_after_pauses_the_whole_host(
     ids = [j["id"] for j in reply.json()["jobs"]]
     await svc.until(lambda: bool(target.hits("/a0")))
     paused_at = target.hits("/a0")[0].at
-    view = (await svc.call("GET", f"/v1/hosts/{target.host}")).json()
-    while view["cooldown"] is None:
-        view = (await svc.call("GET", f"/v1/hosts/{target.host}")).json()
-    assert "429" in view["cooldown"]["reason"]
+    views: list[Any] = []
+
+    async def paused() -> bool:
+        views.append((await svc.call("GET", f"/v1/hosts/{target.host}")).json())
+        return views[-1]["cooldown"] is not None
+
+    await svc.until(paused)
+    assert "429" in views[-1]["cooldown"]["reason"]
     quick = await run(svc, {"url": other.url("/free")})
     assert quick["state"] == "succeeded"
     assert time.monotonic() - paused_at < 2.5  # not held behind the paused host

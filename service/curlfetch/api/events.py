@@ -277,10 +277,7 @@ class _EventStream(Resource):
             return
         except StoreClosedError:
             # Stopping (or the database is down): end it; the client resumes elsewhere.
-            if not stream.stopped:
-                stream.stopped = True
-                request.unregisterProducer()
-                request.loseConnection()
+            stream.cut()
             return
         except _StalledError:
             api.metrics.event_streams_cut.inc()
@@ -289,27 +286,17 @@ class _EventStream(Resource):
                 client=self.client,
                 s=api.events_stall_timeout,
             )
-            stream.stopped = True
-            request.unregisterProducer()
-            transport = request.channel.transport if request.channel is not None else None
-            abort = getattr(transport, "abortConnection", None)
-            if abort is not None:
-                abort()  # unwritten bytes are dropped: nothing is kept for it
+            stream.cut(abort=True)  # unwritten bytes are dropped: nothing is kept for it
             return
         except Exception:
             log.failure("the event stream of client {client!r} failed", client=self.client)
-            if not stream.stopped:
-                stream.stopped = True
-                request.unregisterProducer()
-                request.loseConnection()
+            stream.cut()
             return
         finally:
             pulse.unwatch("*")
             self.owner.streams.discard(self)
             api.metrics.event_streams.dec()
-        if not stream.stopped:
-            request.unregisterProducer()
-            request.finish()
+        stream.end()
 
     async def _write(self, data: bytes) -> None:
         """Write, then wait while the client is behind: at most ``stall_timeout``."""

@@ -204,10 +204,10 @@ class _Download(Resource):
         if request.method == b"HEAD":
             return b""
         stream = PushStream(request)
-        ensureDeferred(self._run(request, stream))
+        ensureDeferred(self._run(stream))
         return NOT_DONE_YET
 
-    async def _run(self, request: Request, stream: PushStream) -> None:
+    async def _run(self, stream: PushStream) -> None:
         try:
             await self._write_all(stream)
         except ClientGoneError:
@@ -215,13 +215,9 @@ class _Download(Resource):
         except Exception:
             # Past the status line: the only honest signal left is a cut-short download.
             log.failure("an export for client {client!r} failed midway", client=self.client)
-            if not stream.stopped:
-                stream.stopped = True
-                request.unregisterProducer()
-                request.loseConnection()
+            stream.cut()
             return
-        request.unregisterProducer()
-        request.finish()
+        stream.end()
 
     async def _write_all(self, stream: PushStream) -> None:
         records = self.records

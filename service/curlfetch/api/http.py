@@ -585,6 +585,29 @@ class PushStream:
             return self._resumed
         return None
 
+    def end(self) -> None:
+        """The response is complete: finish it (unless the client is gone)."""
+        if not self.stopped:
+            self.stopped = True
+            self.request.unregisterProducer()
+            self.request.finish()
+
+    def cut(self, *, abort: bool = False) -> None:
+        """End the response short, the only honest signal once the status is sent: close
+        the connection, or with ``abort`` drop what is still unwritten too."""
+        if self.stopped:
+            return
+        self.stopped = True
+        self.request.unregisterProducer()
+        if not abort:
+            self.request.loseConnection()
+            return
+        channel = self.request.channel
+        transport = channel.transport if channel is not None else None
+        drop = getattr(transport, "abortConnection", None)
+        if drop is not None:
+            drop()
+
     def pauseProducing(self) -> None:
         self.paused = True
 

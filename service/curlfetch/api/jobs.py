@@ -465,11 +465,10 @@ class JobsResource(ApiResource):
         specs, batch = self._parse_submission(payload)
         if any(spec.notify is not None for spec in specs):
             await require_secret(self.api, client)
-        refs = {
-            spec.revalidate: f"jobs[{i}].revalidate" if batch else "revalidate"
-            for i, spec in reversed(list(enumerate(specs)))
-            if spec.revalidate is not None
-        }
+        refs: dict[str, str] = {}  # each job id referred to -> the field naming it first
+        for i, spec in enumerate(specs):
+            if spec.revalidate is not None:
+                refs.setdefault(spec.revalidate, f"jobs[{i}].revalidate" if batch else "revalidate")
         if refs:
             found = await earlier_validators(self.api, client, refs)
             specs = [revalidating(spec, found) for spec in specs]

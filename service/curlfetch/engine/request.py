@@ -69,6 +69,9 @@ class Request:
     line ends included, every redirect counted) would pass this."""
     http_version: str | None = None
     """"1.0", "1.1", "2" or "3"; None lets libcurl choose (HTTP/2 over TLS)."""
+    user_agent: str | None = None
+    """The User-Agent sent unless ``headers`` give one (CURLOPT_USERAGENT: a header of
+    that name, in any case, replaces it); None: none."""
     decode: bool = False
     """Send Accept-Encoding for every encoding libcurl has and decode the body."""
     proxy: str | None = None
@@ -166,6 +169,7 @@ class RequestOptions(TypedDict, total=False):
     truncate_body: bool
     max_header_bytes: int | None
     http_version: str | None
+    user_agent: str | None
     decode: bool
     proxy: str | None
     verify: bool
@@ -215,6 +219,8 @@ def configure(curl: pycurl.Curl, request: Request) -> None:
         # over TLS, where ALPN may pick HTTP/2: on http:// it would hold every concurrent
         # fetch to a new host until the first response arrived.
         setopt(pycurl.PIPEWAIT, 1)
+    if request.user_agent is not None:
+        setopt(pycurl.USERAGENT, request.user_agent)
     if request.decode:
         setopt(pycurl.ACCEPT_ENCODING, "")
     if not request.verify:

@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred
 
+from ..jobs import rfc3339
 from .loop import StoreOps
 from .portable import Types
 
@@ -47,8 +48,6 @@ class Cooldown:
     set_at: float
 
     def to_json(self) -> dict[str, Any]:
-        from ..jobs import rfc3339
-
         return {"until": rfc3339(self.until), "reason": self.reason, "since": rfc3339(self.set_at)}
 
 
